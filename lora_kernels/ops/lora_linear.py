@@ -1,0 +1,613 @@
+"""Fused LoRA linear: ``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` with W, b frozen.
+
+Algorithm
+---------
+Forward, two launches:
+  1. ``_lora_shrink_kernel``: t = dropout(x) Aᵀ / (1 - p), an N×r intermediate computed once per row block
+     (not once per output tile).  The dropout mask is drawn inside the kernel; no dropped copy of x exists.
+  2. ``_lora_gemm_kernel``: y = x Wᵀ (+ b) + s · t Bᵀ.  The LoRA term is a second, short K-loop of the same
+     accumulator over r (the "epilogue"), so there is no separate full-size add pass and y is written once.
+Backward (each output computed only when its input needs a gradient):
+  3. gB = g B (N×r) with the shrink kernel (no dropout).
+  4. dX = g W + s · (m ⊙ (gB A)) / (1 - p) with the same GEMM kernel: the LoRA term again in the epilogue,
+     the mask m regenerated from the seed at output coordinates (row, col) of the N×in result.
+  5. dA = s/(1-p) · gBᵀ (m ⊙ x) and dB = s · gᵀ t with ``_lora_wgrad_kernel``: a reduction over the N
+     tokens, split across programs (fp32 partial sums, reduced by one ``sum``) so that a handful of
+     r×in tiles still fills the GPU.
+
+Dropout
+-------
+The keep decision for element (i, k) of the logical N×in input is ``philox(seed, i·in + k) ≥ ⌊p·2³²⌋``: the
+int64 linear index is fed to 32-bit Philox as two counter words, so it works past 2³¹ elements and costs
+no 64-bit multiplies.  Forward, dX and dA all call ``_dropout_keep`` with the same seed, so they see the same
+mask; only the seed (a Python int) is kept for backward.
+
+Trade-offs taken (no GPU was available when this was written; see docs/design.md for what to measure)
+------------------------------------------------------------------------------------------------
+* The base GEMM is a classic tiled ``tl.dot`` loop with grouped (L2-friendly) tile order and per-shape-bucket
+  autotuning.  A persistent-grid / TMA variant is the next step once it can be timed against cuBLAS.
+* t is stored in the input dtype, like PEFT's ``lora_B(lora_A(dropout(x)))``: it is what the epilogue dot and
+  the dB reduction consume directly on the tensor cores.
+* fp64 is served by the PyTorch path (for gradcheck); the kernels serve fp32 / fp16 / bf16.
+
+Pure-PyTorch mirrors of each launcher (``_torch_*``) serve CPU without the interpreter and float64; they use
+torch's own generator for the dropout mask, so their masks differ from the kernels' (same distribution,
+same seed → same mask within a backend).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from lora_kernels._backend import HAS_TRITON, draw_seed, interpreter_enabled, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    # ------------------------------------------------------------------------------------------------------
+    # Kernels
+    # ------------------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _dropout_keep(seed, rows, cols, ROW_LEN, threshold):
+        """Keep mask [len(rows), len(cols)] for elements (rows, cols) of a logical matrix with ROW_LEN columns.
+
+        rows, cols: int64 index vectors.  threshold: ⌊p·2³²⌋ as uint32; P(keep) = 1 - threshold / 2³².
+        """
+        offs = rows[:, None] * ROW_LEN + cols[None, :]
+        c0 = (offs & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((offs >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        zero = tl.zeros_like(c0)
+        r0, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+        return r0 >= threshold
+
+    @triton.jit
+    def _dropout_mask_kernel(
+        out_ptr,  # [M, K] bool (uint8)
+        M, K,
+        stride_om, stride_ok,
+        seed, threshold,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Materialises the keep mask the other kernels use.  For tests and debugging only."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        keep = _dropout_keep(seed, rows, cols, K, threshold.to(tl.uint32))
+        msk = (rows < M)[:, None] & (cols < K)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, keep.to(tl.uint8), mask=msk)
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr,  # [M, K]  input rows (x, or g for gB = g B)
+        a_ptr,  # [R, K]  down-projection (lora_A, or Bᵀ as a strided view)
+        t_ptr,  # [M, R]  output, dtype of x
+        M, K, R,
+        stride_xm, stride_xk,
+        stride_ar, stride_ak,
+        stride_tm, stride_tr,
+        seed, threshold, out_scale,
+        HAS_DROPOUT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """t[m, r] = out_scale · Σ_k keep[m, k] · x[m, k] · a[r, k], one program per BLOCK_M rows, all of r.
+
+        fp32 accumulation; keep ≡ 1 without dropout.  BLOCK_R ≥ R (r ≤ 256), so x is read exactly once.
+        """
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, BLOCK_R)
+        row_ok = rows < M
+        r_ok = rr < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, rows, cols, K, threshold.to(tl.uint32))
+                x = tl.where(keep, x, tl.zeros_like(x))
+            a = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
+                        mask=r_ok[None, :] & col_ok[:, None], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
+        acc = acc * out_scale
+        tl.store(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
+                 acc.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_gemm_kernel(
+        a_ptr,     # [M, K]  x (forward) or g (dgrad)
+        w_ptr,     # [K, N]  as strides: Wᵀ (forward) or W (dgrad)
+        bias_ptr,  # [N]     (forward only)
+        t_ptr,     # [M, R]  t (forward) or gB (dgrad)
+        l_ptr,     # [R, N]  as strides: Bᵀ (forward) or A (dgrad)
+        c_ptr,     # [M, N]  output
+        M, N, K, R,
+        stride_am, stride_ak,
+        stride_wk, stride_wn,
+        stride_tm, stride_tr,
+        stride_lr, stride_ln,
+        stride_cm, stride_cn,
+        lora_scale, seed, threshold,
+        M_BUCKET,  # autotune key only: a new token count in the same bucket does not retune
+        HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        EPI_DROPOUT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """c = a @ w (+ bias) + lora_scale · (keep ⊙ (t @ l)), fp32 accumulation, one BLOCK_M×BLOCK_N tile each.
+
+        keep[m, n] is the dropout mask at (m, n) of the M×N output (EPI_DROPOUT, used by dgrad, where the
+        output is N_tokens × in, the same index space as the forward's x); lora_scale then includes 1/(1-p).
+        """
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + kk
+            k_ok = ks < K
+            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+
+        if HAS_LORA:
+            rr0 = tl.arange(0, BLOCK_R)
+            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + rr0
+                r_ok = rr < R
+                t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                l = tl.load(l_ptr + rr[:, None] * stride_lr + cols[None, :] * stride_ln,
+                            mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:
+                    t = t.to(tl.float32)
+                    l = l.to(tl.float32)
+                lora = tl.dot(t, l, lora, input_precision=INPUT_PRECISION)
+            if EPI_DROPOUT:
+                keep = _dropout_keep(seed, rows, cols, N, threshold.to(tl.uint32))
+                lora = tl.where(keep, lora, tl.zeros_like(lora))
+            acc += lora * lora_scale
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _lora_wgrad_kernel(
+        l_ptr,  # [M, P]  left rows (gB for dA, g for dB)
+        r_ptr,  # [M, Q]  right rows (x for dA, t for dB)
+        c_ptr,  # [S, P, Q] fp32 partial sums, one slice per split of M
+        M, P, Q, M_PER_SPLIT,
+        stride_lm, stride_lp,
+        stride_rm, stride_rq,
+        stride_cs, stride_cp, stride_cq,
+        seed, threshold,
+        HAS_DROPOUT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """c[s, p, q] = Σ_{m in split s} l[m, p] · keep[m, q] · r[m, q]  (keep: mask of the M×Q right operand)."""
+        pid_p = tl.program_id(0)
+        pid_q = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        ps = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        qs = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        p_ok = ps < P
+        q_ok = qs < Q
+        m_start = pid_s.to(tl.int64) * M_PER_SPLIT
+        m_end = min(m_start + M_PER_SPLIT, M)
+        mm = tl.arange(0, BLOCK_M).to(tl.int64)
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            ms = m0 + mm
+            m_ok = ms < m_end
+            lt = tl.load(l_ptr + ms[None, :] * stride_lm + ps[:, None] * stride_lp,
+                         mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # [BLOCK_P, BLOCK_M]
+            rt = tl.load(r_ptr + ms[:, None] * stride_rm + qs[None, :] * stride_rq,
+                         mask=m_ok[:, None] & q_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_Q]
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, ms, qs, Q, threshold.to(tl.uint32))
+                rt = tl.where(keep, rt, tl.zeros_like(rt))
+            if UPCAST:
+                lt = lt.to(tl.float32)
+                rt = rt.to(tl.float32)
+            acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
+        tl.store(c_ptr + pid_s.to(tl.int64) * stride_cs + ps[:, None] * stride_cp + qs[None, :] * stride_cq,
+                 acc, mask=p_ok[:, None] & q_ok[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
+    # Autotuning
+    # ------------------------------------------------------------------------------------------------------
+
+    def get_gemm_configs():
+        """Candidate tiles for the fused GEMM on Hopper/Ampere; pruned per shape by ``_prune_gemm_configs``."""
+        configs = []
+        for bm, bn, bk, warps, stages in [
+            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+        ]:
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                         num_warps=warps, num_stages=stages))
+        return configs
+
+    def _prune_gemm_configs(configs, named_args, **kwargs):
+        m, n = named_args["M"], named_args["N"]
+        keep = [c for c in configs
+                if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
+                and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
+        return keep or configs[-1:]
+
+    _lora_gemm_kernel_tuned = triton.autotune(
+        configs=get_gemm_configs(),
+        key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "EPI_DROPOUT", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    )(_lora_gemm_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+# Pinned tiles: used under the interpreter (small, so odd test shapes cross several tiles) and on the GPU
+# when autotuning is switched off with LORA_KERNELS_AUTOTUNE=0 (tests).
+_PINNED_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _autotune_enabled() -> bool:
+    return not interpreter_enabled() and os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter's tl.dot returns garbage for bf16 operands (triton 3.6); fp32 operands are exact.
+    return interpreter_enabled() and dtype == torch.bfloat16
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # Match what nn.Linear does for fp32: IEEE unless the user allowed TF32 for matmuls.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _block_r(r: int) -> int:
+    # tl.dot needs every block dim ≥ 16 on the GPU; the epilogue loops over r in chunks of at most 64.
+    return max(16, min(64, triton.next_power_of_2(r)))
+
+
+def _dropout_threshold(p: float) -> int:
+    return min(int(p * 2.0**32), 2**32 - 1)
+
+
+def dropout_mask(seed: int, shape: Tuple[int, int], p: float, device) -> torch.Tensor:
+    """The boolean keep mask (True = kept) that the kernels, or the PyTorch path, use for an N×in input.
+
+    Exposed so tests can compare against a float64 reference with the very same mask.
+    """
+    n, k = shape
+    probe = torch.empty(0, device=device, dtype=torch.float32)
+    if not use_triton(probe):
+        return _torch_keep_mask(seed, n, k, p, torch.device(device))
+    out = torch.empty((n, k), device=device, dtype=torch.uint8)
+    if n and k:
+        grid = (triton.cdiv(n, 32), triton.cdiv(k, 32))
+        _dropout_mask_kernel[grid](out, n, k, out.stride(0), out.stride(1), seed, _dropout_threshold(p),
+                                   BLOCK_M=32, BLOCK_K=32)
+    return out.bool()
+
+
+def _shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """t = dropout(x2d) aᵀ / (1-p) with a of shape [R, K] (any strides)."""
+    m, k = x2d.shape
+    r = a.shape[0]
+    t = torch.empty((m, r), device=x2d.device, dtype=x2d.dtype)
+    if m == 0:
+        return t
+    block_r = max(16, triton.next_power_of_2(r))
+    if interpreter_enabled():
+        meta = dict(BLOCK_M=32, BLOCK_K=32)
+    else:
+        meta = dict(BLOCK_M=64 if block_r <= 64 else 32, BLOCK_K=64 if block_r <= 128 else 32,
+                    num_warps=4 if block_r <= 64 else 8, num_stages=3)
+    grid = (triton.cdiv(m, meta["BLOCK_M"]),)
+    _lora_shrink_kernel[grid](
+        x2d, a, t, m, k, r,
+        x2d.stride(0), x2d.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
+        seed, _dropout_threshold(p), 1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0.0, UPCAST=_upcast(x2d.dtype), INPUT_PRECISION=_input_precision(x2d.dtype),
+        BLOCK_R=block_r, **meta,
+    )
+    return t
+
+
+def _gemm(a2d, w, w_strides, bias, t, l, l_strides, n, lora_scale, seed, p, epi_dropout):
+    """c[M, n] = a2d @ w (+ bias) + lora_scale · (keep ⊙ t @ l); w and l given as (ptr tensor, strides)."""
+    m, k = a2d.shape
+    r = t.shape[1]
+    c = torch.empty((m, n), device=a2d.device, dtype=a2d.dtype)
+    if m == 0 or n == 0:
+        return c
+    has_bias = bias is not None
+    args = (
+        a2d, w, bias if has_bias else a2d, t, l, c,
+        m, n, k, r,
+        a2d.stride(0), a2d.stride(1), w_strides[0], w_strides[1], t.stride(0), t.stride(1),
+        l_strides[0], l_strides[1], c.stride(0), c.stride(1),
+        lora_scale, seed, _dropout_threshold(p), min(triton.next_power_of_2(m), 16384) // 64,
+    )
+    flags = dict(HAS_BIAS=has_bias, HAS_LORA=r > 0, EPI_DROPOUT=epi_dropout and p > 0.0,
+                 UPCAST=_upcast(a2d.dtype), INPUT_PRECISION=_input_precision(a2d.dtype), BLOCK_R=_block_r(r))
+    if _autotune_enabled():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _lora_gemm_kernel_tuned[grid](*args, **flags)
+    else:
+        meta = _PINNED_INTERPRET if interpreter_enabled() else _PINNED_GPU
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _lora_gemm_kernel[grid](*args, **flags, **meta)
+    return c
+
+
+def _wgrad(left: torch.Tensor, right: torch.Tensor, seed: int, p: float, splits: Optional[int] = None):
+    """Σ_m leftᵀ[:, m] (keep ⊙ right)[m, :] in fp32, shape [P, Q]; keep only when p > 0 (right is x)."""
+    m, pdim = left.shape
+    q = right.shape[1]
+    if m == 0:
+        return torch.zeros((pdim, q), device=left.device, dtype=torch.float32)
+    if interpreter_enabled():
+        bp, bq, bm, meta = 32, 32, 32, {}
+    else:
+        bp = 64 if pdim > 32 else max(16, triton.next_power_of_2(pdim))
+        bq = 64 if q > 32 else max(16, triton.next_power_of_2(q))
+        bm, meta = 64, dict(num_warps=4, num_stages=3)
+    tiles = triton.cdiv(pdim, bp) * triton.cdiv(q, bq)
+    if splits is None:
+        target = 4 if interpreter_enabled() else 4 * _sm_count(left.device)
+        splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(m, 4 * bm)))
+    m_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
+    splits = triton.cdiv(m, m_per_split)
+    partial = torch.empty((splits, pdim, q), device=left.device, dtype=torch.float32)
+    grid = (triton.cdiv(pdim, bp), triton.cdiv(q, bq), splits)
+    _lora_wgrad_kernel[grid](
+        left, right, partial, m, pdim, q, m_per_split,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        seed, _dropout_threshold(p),
+        HAS_DROPOUT=p > 0.0, UPCAST=_upcast(left.dtype), INPUT_PRECISION=_input_precision(left.dtype),
+        BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=bm, **meta,
+    )
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure-PyTorch path (CPU without the interpreter, float64, machines without Triton)
+# ----------------------------------------------------------------------------------------------------------
+
+def _torch_keep_mask(seed: int, n: int, k: int, p: float, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand((n, k), generator=gen, device=device) >= p
+
+
+def _torch_dropped(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    if p == 0.0:
+        return x2d
+    keep = _torch_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
+    return x2d * keep.to(x2d.dtype) / (1.0 - p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward / backward entry points (backend dispatch)
+# ----------------------------------------------------------------------------------------------------------
+
+def lora_fwd(x2d, weight, bias, lora_A, lora_B, scale: float, dropout_p: float, seed: int):
+    """Returns (y2d [N, out], t [N, r]).  x2d: [N, in] with any strides."""
+    if use_triton(x2d):
+        t = _shrink(x2d, lora_A, seed, dropout_p)
+        y = _gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, t,
+                  lora_B, (lora_B.stride(1), lora_B.stride(0)), weight.shape[0], scale, seed, 0.0, False)
+        return y, t
+    t = _torch_dropped(x2d, seed, dropout_p) @ lora_A.t()
+    y = torch.nn.functional.linear(x2d, weight, bias)
+    return y.addmm_(t, lora_B.t(), alpha=scale), t
+
+
+def lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale: float, dropout_p: float, seed: int,
+             need_dx: bool, need_dA: bool, need_dB: bool, n_in: int):
+    """Returns (dx2d, dA, dB); entries not asked for are None.  x2d is needed only for dA, t only for dB."""
+    dx = d_a = d_b = None
+    if use_triton(g2d):
+        gb = _shrink(g2d, lora_B.t(), 0, 0.0) if (need_dx or need_dA) else None
+        if need_dx:
+            dx = _gemm(g2d, weight, (weight.stride(0), weight.stride(1)), None, gb,
+                       lora_A, (lora_A.stride(0), lora_A.stride(1)), n_in,
+                       scale / (1.0 - dropout_p), seed, dropout_p, True)
+        if need_dA:
+            d_a = (_wgrad(gb, x2d, seed, dropout_p) * (scale / (1.0 - dropout_p))).to(lora_A.dtype)
+        if need_dB:
+            d_b = (_wgrad(g2d, t, 0, 0.0) * scale).to(lora_B.dtype)
+        return dx, d_a, d_b
+    gb = g2d @ lora_B if (need_dx or need_dA) else None
+    if need_dx:
+        lora_dx = gb @ lora_A
+        if dropout_p > 0.0:
+            keep = _torch_keep_mask(seed, g2d.shape[0], n_in, dropout_p, g2d.device)
+            lora_dx = lora_dx * keep.to(lora_dx.dtype)
+        dx = (g2d @ weight).add_(lora_dx, alpha=scale / (1.0 - dropout_p))
+    if need_dA:
+        d_a = (gb.t() @ _torch_dropped(x2d, seed, dropout_p)) * scale
+    if need_dB:
+        d_b = (g2d.t() @ t) * scale
+    return dx, d_a, d_b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd Function and functional API
+# ----------------------------------------------------------------------------------------------------------
+
+class LoRALinearFunction(torch.autograd.Function):
+    r"""y = x Wᵀ + b + s · (m ⊙ x / (1-p)) Aᵀ Bᵀ, with t = (m ⊙ x / (1-p)) Aᵀ (N×r) and g = ∂L/∂y.
+
+    Chain rule, writing x̃ = m ⊙ x / (1-p) (m the dropout keep mask, all-ones when p = 0):
+      ∂L/∂t  = s · g B                         (N×r; computed as gB = g B, scaled later)
+      ∂L/∂B  = s · gᵀ t                        (out×r)           -- needs t, never x
+      ∂L/∂A  = (∂L/∂t)ᵀ x̃ = s · (gB)ᵀ x̃        (r×in)            -- needs x (mask regenerated from the seed)
+      ∂L/∂x  = g W + m ⊙ ((∂L/∂t) A) / (1-p)  = g W + s/(1-p) · m ⊙ (gB A)
+      ∂L/∂W  = gᵀ x,  ∂L/∂b = Σ_rows g        (only if the caller made W or b trainable)
+
+    Saved for backward: B-only (A frozen) keeps t and the seed, never x; AB and A-only keep x itself (same
+    storage, no copy) and the seed, plus t when B needs a gradient.  W, A, B are parameters, saved by
+    reference.  The dropout mask is never stored: every kernel regenerates it from the seed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+        n_in = x.shape[-1]
+        x2d = x.reshape(-1, n_in)
+        y2d, t = lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
+        keep_x = need_da or need_dw
+        ctx.save_for_backward(x if keep_x else None, t if need_dbb else None, weight, lora_A, lora_B)
+        ctx.scale, ctx.dropout_p, ctx.seed, ctx.n_in = scale, dropout_p, seed, n_in
+        ctx.x_shape = x.shape
+        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, t, weight, lora_A, lora_B = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
+        g2d = grad_y.reshape(-1, weight.shape[0])
+        x2d = x.reshape(-1, ctx.n_in) if x is not None else None
+        dx, d_a, d_b = lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, ctx.seed,
+                                need_dx, need_da, need_dbb, ctx.n_in)
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        d_w = (g2d.t() @ x2d).to(weight.dtype) if need_dw else None
+        d_bias = g2d.sum(0) if need_db else None
+        return dx, d_w, d_bias, d_a, d_b, None, None, None
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p):
+    for name, ten in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(ten, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(ten).__name__}")
+        if ten.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {ten.dtype}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {in_f}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A must have shape (r, {in_f}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError("lora_A has rank r = 0; r must be ≥ 1")
+    if lora_B.dim() != 2 or lora_B.shape != (out_f, r):
+        raise ValueError(f"lora_B must have shape ({out_f}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
+    for name, ten in named:
+        if ten.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {ten.dtype} but x has {x.dtype}; all operands must share one dtype")
+        if ten.device != x.device:
+            raise ValueError(f"{name} is on {ten.device} but x is on {x.device}")
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale must be a Python float, not a tensor")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=None):
+    """y = x Wᵀ + b + scale · (dropout(x) lora_Aᵀ) lora_Bᵀ, differentiable in x, lora_A, lora_B (and W, b if
+    they require grad).  Dropout (inverted, as nn.Dropout) acts on the LoRA branch only.
+
+    ``seed`` fixes the dropout mask; by default it is drawn from torch's CPU generator, so ``torch.manual_seed``
+    reproduces runs.  Triton kernels serve CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``); any
+    other case runs the pure-PyTorch path with the same semantics.
+    """
+    _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p)
+    scale, dropout_p = float(scale), float(dropout_p)
+    if seed is None:
+        seed = draw_seed() if dropout_p > 0.0 else 0
+    needs_grad = torch.is_grad_enabled() and any(
+        ten is not None and ten.requires_grad for ten in (x, weight, bias, lora_A, lora_B))
+    if needs_grad:
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    # Inference: no autograd node, no saved state.
+    n_in = x.shape[-1]
+    y2d, _ = lora_fwd(x.reshape(-1, n_in), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_ref(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, dropout_mask=None, upcast=False):
+    """Pure-PyTorch reference of ``lora_linear``, built from plain differentiable ops.
+
+    ``dropout_mask`` (bool, broadcastable to x; True = kept) replaces random dropout so a test can feed the
+    kernels' own mask; without it, ``dropout_p > 0`` uses ``torch.nn.functional.dropout``.  ``upcast=True``
+    computes in float64 and returns float64.
+    """
+    if upcast:
+        x, weight, lora_A, lora_B = (v.double() for v in (x, weight, lora_A, lora_B))
+        bias = bias.double() if bias is not None else None
+    if dropout_mask is not None:
+        xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        xd = torch.nn.functional.dropout(x, dropout_p, training=True)
+    else:
+        xd = x
+    return torch.nn.functional.linear(x, weight, bias) + scale * ((xd @ lora_A.t()) @ lora_B.t())
