@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_kernels.ops.lora_linear import lora_linear
+from lora_kernels.ops.fused_lora_linear import lora_linear
 
 _MODES = ("AB", "B", "A")
 _INITS = ("kaiming", "gaussian", "orthogonal")

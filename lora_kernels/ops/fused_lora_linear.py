@@ -289,6 +289,11 @@ _PINNED_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def _empty(shape, device, dtype) -> torch.Tensor:
+    """Every kernel output is allocated here, so tests can poison it (NaN) and catch unwritten elements."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _autotune_enabled() -> bool:
     return not interpreter_enabled() and os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 
@@ -335,7 +340,7 @@ def _shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Te
     """t = dropout(x2d) aᵀ / (1-p) with a of shape [R, K] (any strides)."""
     m, k = x2d.shape
     r = a.shape[0]
-    t = torch.empty((m, r), device=x2d.device, dtype=x2d.dtype)
+    t = _empty((m, r), x2d.device, x2d.dtype)
     if m == 0:
         return t
     block_r = max(16, triton.next_power_of_2(r))
@@ -359,7 +364,7 @@ def _gemm(a2d, w, w_strides, bias, t, l, l_strides, n, lora_scale, seed, p, epi_
     """c[M, n] = a2d @ w (+ bias) + lora_scale · (keep ⊙ t @ l); w and l given as (ptr tensor, strides)."""
     m, k = a2d.shape
     r = t.shape[1]
-    c = torch.empty((m, n), device=a2d.device, dtype=a2d.dtype)
+    c = _empty((m, n), a2d.device, a2d.dtype)
     if m == 0 or n == 0:
         return c
     has_bias = bias is not None
@@ -400,7 +405,7 @@ def _wgrad(left: torch.Tensor, right: torch.Tensor, seed: int, p: float, splits:
         splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(m, 4 * bm)))
     m_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
     splits = triton.cdiv(m, m_per_split)
-    partial = torch.empty((splits, pdim, q), device=left.device, dtype=torch.float32)
+    partial = _empty((splits, pdim, q), left.device, torch.float32)
     grid = (triton.cdiv(pdim, bp), triton.cdiv(q, bq), splits)
     _lora_wgrad_kernel[grid](
         left, right, partial, m, pdim, q, m_per_split,
@@ -582,6 +587,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
     """
     _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p)
     scale, dropout_p = float(scale), float(dropout_p)
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        # Under autocast (e.g. HF Trainer bf16=True with fp32 parameters) run in the autocast dtype, as
+        # nn.Linear would; the casts are differentiable, so fp32 parameters receive fp32 gradients.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight, lora_A, lora_B = (v.to(dt) for v in (x, weight, lora_A, lora_B))
+        bias = bias.to(dt) if bias is not None else None
     if seed is None:
         seed = draw_seed() if dropout_p > 0.0 else 0
     needs_grad = torch.is_grad_enabled() and any(

@@ -1,0 +1,50 @@
+"""Shared fixtures.  Nothing here touches a GPU at import time; GPU tests skip through the ``gpu`` marker."""
+
+import os
+
+import pytest
+import torch
+
+import lora_kernels.ops.fused_lora_linear as lora_ops
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped cleanly without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def triton_available_on_cpu() -> bool:
+    return lora_ops.HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Run a CPU test on the Triton kernels (interpreter) and on the pure-PyTorch path."""
+    if request.param == "triton" and not triton_available_on_cpu():
+        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 set before import")
+    if request.param == "torch":
+        monkeypatch.setattr(lora_ops, "use_triton", lambda t: False)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element the kernels never write fails the comparison."""
+    def poisoned(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(lora_ops, "_empty", poisoned)

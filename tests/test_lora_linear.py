@@ -1,0 +1,307 @@
+"""lora_linear (kernels under the interpreter, and the PyTorch path) against a float64 reference.
+
+Tolerance rule (CONVENTIONS 11): relative error of ours vs float64 ≤ 2 × that of the same computation done by
+PyTorch in the same dtype + one ulp of the dtype (the floor only matters where PyTorch is exact).
+"""
+
+import pytest
+import torch
+
+import lora_kernels.ops.fused_lora_linear as lora_ops
+from lora_kernels import dropout_mask, lora_linear, lora_linear_ref
+
+EPS = {torch.float32: 1.2e-7, torch.float16: 9.8e-4, torch.bfloat16: 7.8e-3}
+MODES = {"AB": (True, True), "B": (False, True), "A": (True, False)}  # mode -> (A trains, B trains)
+
+
+def rel_err(got, ref):
+    got, ref = got.double(), ref.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_case(n, d_in, d_out, r, dtype, mode="AB", bias=True, x_grad=True, lead=()):
+    """Fresh random inputs, every factor non-zero (B too), scaled so outputs are O(1)."""
+    a_trains, b_trains = MODES[mode]
+    x = torch.randn(*lead, n, d_in, dtype=dtype).requires_grad_(x_grad)
+    w = (torch.randn(d_out, d_in) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out).to(dtype) if bias else None
+    a = (torch.randn(r, d_in) / d_in**0.5).to(dtype).requires_grad_(a_trains)
+    bb = (torch.randn(d_out, r) / r**0.5).to(dtype).requires_grad_(b_trains)
+    return x, w, b, a, bb
+
+
+def grads_of(y, g, tensors):
+    ins = [t for t in tensors if t.requires_grad]
+    outs = torch.autograd.grad(y, ins, g)
+    it = iter(outs)
+    return [next(it) if t.requires_grad else None for t in tensors]
+
+
+def run_and_compare(x, w, b, a, bb, scale, p, seed=1234):
+    """Forward + backward through lora_linear, checked against float64 and against torch in the same dtype."""
+    dtype = x.dtype
+    y = lora_linear(x, w, b, a, bb, scale, p, seed=seed)
+    assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == dtype
+    g = torch.randn_like(y)
+    got = [y] + grads_of(y, g, [x, a, bb])
+
+    mask = dropout_mask(seed, (x[..., 0].numel(), x.shape[-1]), p, x.device).reshape(x.shape) if p > 0 else None
+    results = {}
+    for kind, cast in (("ref64", torch.float64), ("same", dtype)):
+        leaves = [t.detach().to(cast).requires_grad_(t.requires_grad) for t in (x, a, bb)]
+        yr = lora_linear_ref(leaves[0], w.to(cast), b.to(cast) if b is not None else None, leaves[1], leaves[2],
+                             scale, p, dropout_mask=mask)
+        results[kind] = [yr] + grads_of(yr, g.to(cast), leaves)
+    for name, o, r64, same in zip(("y", "dx", "dA", "dB"), got, results["ref64"], results["same"]):
+        if r64 is None:
+            assert o is None, f"{name} should not have been computed"
+            continue
+        assert o is not None and o.dtype == dtype and o.shape == r64.shape, name
+        assert torch.isfinite(o).all(), f"{name} has non-finite entries (unwritten output?)"
+        err, base = rel_err(o, r64), rel_err(same, r64)
+        assert err <= 2 * base + EPS[dtype], f"{name}: rel err {err:.3e} vs torch-{dtype} {base:.3e}"
+    return got
+
+
+SHAPES = [  # (N tokens, in, out, r, bias)
+    (1, 16, 16, 1, True),
+    (7, 33, 50, 7, False),
+    (100, 70, 45, 16, True),
+    (64, 100, 129, 100, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + ("b" if s[4] else ""))
+def test_matches_float64(backend, dtype, mode, p, shape):
+    n, d_in, d_out, r, bias = shape
+    run_and_compare(*make_case(n, d_in, d_out, r, dtype, mode, bias), scale=0.75, p=p)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_3d_input_and_first_layer(backend, mode):
+    """Leading dimensions, and x that does not require grad (first layer): dX is skipped."""
+    x, w, b, a, bb = make_case(5, 40, 24, 8, torch.float32, mode, lead=(3,), x_grad=False)
+    got = run_and_compare(x, w, b, a, bb, scale=2.0, p=0.1)
+    assert got[1] is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_noncontiguous_input_and_grad(backend, p):
+    base = torch.randn(2, 30, 2 * 48)
+    x = base[:, 3:, ::2].requires_grad_()  # strided rows and columns, not viewable as 2-D without a copy
+    assert not x.is_contiguous()
+    _, w, b, a, bb = make_case(1, 48, 20, 5, torch.float32)
+    run_and_compare(x, w, b, a, bb, scale=1.0, p=p)
+    # A stride-0 gradient (from .sum()) must work too.
+    y = lora_linear(x, w, b, a, bb, 1.0, p, seed=7)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(bb.grad).all()
+
+
+def test_wgrad_split_reduction(backend):
+    """The token reduction split across programs gives the same dA/dB as one split."""
+    if backend != "triton":
+        pytest.skip("split reduction is a kernel detail")
+    left, right = torch.randn(200, 7), torch.randn(200, 45)
+    ref = left.double().t() @ right.double()
+    for splits in (1, 2, 3, 7):
+        assert rel_err(lora_ops._wgrad(left, right, 0, 0.0, splits=splits), ref) < 1e-6
+
+
+def test_empty_batch(backend):
+    x, w, b, a, bb = make_case(0, 20, 12, 4, torch.float32)
+    y = lora_linear(x, w, b, a, bb, 1.0, 0.2)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert a.grad.shape == a.shape and bb.grad.shape == bb.shape
+    assert (a.grad == 0).all() and (bb.grad == 0).all()
+    assert x.grad.shape == x.shape
+
+
+def test_inference_saves_nothing_and_matches(backend):
+    x, w, b, a, bb = make_case(9, 20, 12, 4, torch.float32)
+    packed = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = lora_linear(x, w, b, a, bb, 0.5)
+    assert packed == [] and y.grad_fn is None
+    assert rel_err(y, lora_linear_ref(x, w, b, a, bb, 0.5, upcast=True)) < 1e-6
+
+
+def test_nan_propagates_like_linear(backend):
+    x, w, b, a, bb = make_case(6, 20, 12, 4, torch.float32)
+    x = x.detach().clone()
+    x[2, 5] = float("nan")
+    y = lora_linear(x, w, b, a, bb, 1.0)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+
+
+def test_trainable_base_weight_gets_gradient(backend):
+    """If a caller makes W or b trainable, they get correct gradients (not a silent None)."""
+    x, w, b, a, bb = make_case(10, 16, 8, 4, torch.float32)
+    w.requires_grad_(), b.requires_grad_()
+    y = lora_linear(x, w, b, a, bb, 1.0)
+    g = torch.randn_like(y)
+    dw, db = torch.autograd.grad(y, [w, b], g)
+    assert rel_err(dw, g.double().t() @ x.double()) < 1e-6
+    assert rel_err(db, g.double().sum(0)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dropout
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_revealed_by_identity(backend, p):
+    """W = 0, A = B = I (in = r = out), s = 1: y = m ⊙ x / (1-p) reveals the mask; dA, dB, dX must use it."""
+    d, n = 24, 50
+    x = (torch.rand(n, d) + 0.5).requires_grad_()  # never zero, so a zero output means a dropped element
+    w = torch.zeros(d, d)
+    a = torch.eye(d).requires_grad_()
+    bb = torch.eye(d).requires_grad_()
+    y = lora_linear(x, w, None, a, bb, 1.0, p, seed=99)
+    revealed = y.detach() != 0
+    assert torch.allclose(y[revealed], x.detach()[revealed] / (1 - p))
+    assert torch.equal(revealed, dropout_mask(99, (n, d), p, "cpu"))
+    keep_frac = revealed.float().mean().item()
+    assert abs(keep_frac - (1 - p)) < 4 * ((p * (1 - p)) / (n * d)) ** 0.5 + 1e-3
+    g = torch.randn(n, d)
+    dx, da, db = torch.autograd.grad(y, [x, a, bb], g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+    yr = lora_linear_ref(leaves[0], w.double(), None, leaves[1], leaves[2], 1.0, p, dropout_mask=revealed)
+    rx, ra, rb = torch.autograd.grad(yr, leaves, g.double())
+    for name, o, r in (("dx", dx, rx), ("dA", da, ra), ("dB", db, rb)):
+        assert rel_err(o, r) < 1e-6, name
+
+
+def test_dropout_reproducible_with_manual_seed(backend):
+    x, w, b, a, bb = make_case(20, 32, 16, 4, torch.float32)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        y = lora_linear(x, w, b, a, bb, 1.0, 0.3)
+        outs.append([y] + list(torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
+    for o1, o2 in zip(*outs):
+        assert torch.equal(o1, o2)
+    torch.manual_seed(124)
+    y3 = lora_linear(x, w, b, a, bb, 1.0, 0.3)
+    assert not torch.equal(y3, outs[0][0])
+
+
+def test_dropout_mask_rows_independent(backend):
+    m = dropout_mask(5, (64, 128), 0.5, "cpu")
+    assert not torch.equal(m[0], m[1]) and not torch.equal(m[:, 0], m[:, 1])
+    assert not torch.equal(m, dropout_mask(6, (64, 128), 0.5, "cpu"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gradcheck (float64 runs the PyTorch path: the kernels serve fp32/fp16/bf16)
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradcheck(mode, p):
+    x, w, b, a, bb = make_case(5, 6, 4, 3, torch.float64, mode)
+
+    def f(x_, a_, b_):
+        return lora_linear(x_, w, b, a_, b_, 0.8, p, seed=42)
+
+    assert torch.autograd.gradcheck(f, (x, a, bb))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What is saved for backward
+# ------------------------------------------------------------------------------------------------------------
+
+def saved_by(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_saved_tensors(backend, mode, p):
+    n, d_in, d_out, r = 40, 48, 32, 4
+    x, w, b, a, bb = make_case(n, d_in, d_out, r, torch.float32, mode)
+    saved, y = saved_by(lambda: lora_linear(x, w, b, a, bb, 1.0, p))
+    params = {w.data_ptr(), a.data_ptr(), bb.data_ptr()}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    shapes = sorted(tuple(t.shape) for t in activations)
+    if mode == "B":
+        # t only: never x nor anything N×in, with or without dropout.
+        assert shapes == [(n, r)]
+        assert all(t.numel() < n * d_in for t in activations)
+    elif mode == "AB":
+        assert shapes == sorted([(n, d_in), (n, r)])
+    else:  # A-only: x for dA; t is not needed (dB is never computed)
+        assert shapes == [(n, d_in)]
+    for t in activations:
+        if t.shape == (n, d_in):
+            assert t.data_ptr() == x.data_ptr(), "x must be saved as-is, not copied"
+    y.sum().backward()  # and the saved state is enough for backward
+
+
+def test_skipped_outputs_are_not_computed(backend, monkeypatch):
+    """x without grad and B-only: backward launches only the dB reduction (no dgrad GEMM, no gB shrink)."""
+    if backend != "triton":
+        pytest.skip("counts kernel launches")
+    calls = []
+    for name in ("_gemm", "_shrink", "_wgrad"):
+        orig = getattr(lora_ops, name)
+        monkeypatch.setattr(lora_ops, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    x, w, b, a, bb = make_case(16, 32, 16, 4, torch.float32, "B", x_grad=False)
+    y = lora_linear(x, w, b, a, bb, 1.0, 0.1)
+    assert calls == ["_shrink", "_gemm"]
+    y.sum().backward()
+    assert calls == ["_shrink", "_gemm", "_wgrad"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------
+
+def _good():
+    return make_case(4, 8, 6, 2, torch.float32)
+
+
+@pytest.mark.parametrize("mutate, exc, word", [
+    (lambda c: (c[0][..., :7],) + c[1:], ValueError, "x"),
+    (lambda c: (c[0], c[1][:, :7]) + c[2:], ValueError, "weight expects 7"),
+    (lambda c: c[:3] + (c[3][:, :7],) + c[4:], ValueError, "lora_A"),
+    (lambda c: c[:4] + (c[4][:5],), ValueError, "lora_B"),
+    (lambda c: c[:4] + (c[4][:, :1],), ValueError, "lora_B"),
+    (lambda c: c[:2] + (c[2][:3],) + c[3:], ValueError, "bias"),
+    (lambda c: c[:3] + (c[3][:0],) + (c[4][:, :0],), ValueError, "r = 0"),
+    (lambda c: (c[0].half(),) + c[1:], TypeError, "dtype"),
+    (lambda c: (c[0].long(),) + c[1:], TypeError, "x must be float"),
+    (lambda c: c[:3] + (c[3].int(),) + c[4:], TypeError, "lora_A must be float"),
+    (lambda c: (c[0].detach().numpy(),) + c[1:], TypeError, "x must be a torch.Tensor"),
+    (lambda c: c[:1] + (c[1].reshape(-1),) + c[2:], ValueError, "weight"),
+], ids=["x-features", "weight-shape", "A-shape", "B-out", "B-rank", "bias-shape", "rank0", "dtype-mismatch",
+        "int-x", "int-A", "numpy-x", "weight-1d"])
+def test_bad_arguments_name_the_argument(mutate, exc, word):
+    args = mutate(_good())
+    with pytest.raises(exc, match=word):
+        lora_linear(*args, 1.0)
+
+
+@pytest.mark.parametrize("scale, p, word", [(1.0, 1.0, "dropout_p"), (1.0, -0.1, "dropout_p"),
+                                            (float("nan"), 0.0, "scale"), ("2", 0.0, "scale")])
+def test_bad_scalars(scale, p, word):
+    with pytest.raises(ValueError, match=word):
+        lora_linear(*_good(), scale, p)
+
+
+def test_autocast_runs_in_autocast_dtype(backend):
+    x, w, b, a, bb = make_case(8, 32, 16, 4, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, b, a, bb, 1.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
+    assert rel_err(y, lora_linear_ref(x, w, b, a, bb, 1.0, upcast=True)) < 2e-2
