@@ -19,14 +19,15 @@ def rel_err(got, ref):
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make_case(n, d_in, d_out, r, dtype, mode="AB", bias=True, x_grad=True, lead=()):
+def make_case(n, d_in, d_out, r, dtype, mode="AB", bias=True, x_grad=True, lead=(), device="cpu"):
     """Fresh random inputs, every factor non-zero (B too), scaled so outputs are O(1)."""
     a_trains, b_trains = MODES[mode]
-    x = torch.randn(*lead, n, d_in, dtype=dtype).requires_grad_(x_grad)
-    w = (torch.randn(d_out, d_in) / d_in**0.5).to(dtype)
-    b = torch.randn(d_out).to(dtype) if bias else None
-    a = (torch.randn(r, d_in) / d_in**0.5).to(dtype).requires_grad_(a_trains)
-    bb = (torch.randn(d_out, r) / r**0.5).to(dtype).requires_grad_(b_trains)
+    kw = dict(device=device)
+    x = torch.randn(*lead, n, d_in, **kw).to(dtype).requires_grad_(x_grad)
+    w = (torch.randn(d_out, d_in, **kw) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out, **kw).to(dtype) if bias else None
+    a = (torch.randn(r, d_in, **kw) / d_in**0.5).to(dtype).requires_grad_(a_trains)
+    bb = (torch.randn(d_out, r, **kw) / r**0.5).to(dtype).requires_grad_(b_trains)
     return x, w, b, a, bb
 
 

@@ -124,6 +124,24 @@ if HAS_TRITON:
                  acc.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _lora_tile(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr, stride_ln, acc,
+                   UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+        """acc + t[rows, :] @ l[:, cols], looping over r in chunks of BLOCK_R (the short 'LoRA K-loop')."""
+        rr0 = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + rr0
+            r_ok = rr < R
+            t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            l = tl.load(l_ptr + rr[:, None] * stride_lr + cols[None, :] * stride_ln,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                t = t.to(tl.float32)
+                l = l.to(tl.float32)
+            acc = tl.dot(t, l, acc, input_precision=INPUT_PRECISION)
+        return acc
+
+    @triton.jit
     def _lora_gemm_kernel(
         a_ptr,     # [M, K]  x (forward) or g (dgrad)
         w_ptr,     # [K, N]  as strides: Wᵀ (forward) or W (dgrad)
@@ -137,7 +155,7 @@ if HAS_TRITON:
         stride_tm, stride_tr,
         stride_lr, stride_ln,
         stride_cm, stride_cn,
-        lora_scale, seed, threshold,
+        seed, threshold,
         M_BUCKET,  # autotune key only: a new token count in the same bucket does not retune
         HAS_BIAS: tl.constexpr,
         HAS_LORA: tl.constexpr,
@@ -147,10 +165,13 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        """c = a @ w (+ bias) + lora_scale · (keep ⊙ (t @ l)), fp32 accumulation, one BLOCK_M×BLOCK_N tile each.
+        """c = a @ w (+ bias) + keep ⊙ (t @ l), fp32 accumulation, one BLOCK_M×BLOCK_N tile per program.
 
-        keep[m, n] is the dropout mask at (m, n) of the M×N output (EPI_DROPOUT, used by dgrad, where the
-        output is N_tokens × in, the same index space as the forward's x); lora_scale then includes 1/(1-p).
+        The LoRA scale (and 1/(1-p)) is already folded into t by the shrink kernel, so the LoRA term shares the
+        base GEMM's accumulator: no second BLOCK_M×BLOCK_N fp32 tile (that one cost a spill at 128×128 on sm_90).
+        keep[m, n] is the dropout mask at (m, n) of the M×N output (EPI_DROPOUT, used by dgrad, where the output
+        is N_tokens × in, the same index space as the forward's x).  With the mask, the short LoRA product is
+        computed first and masked, so the Philox registers are dead before the main loop starts.
         """
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -169,6 +190,11 @@ if HAS_TRITON:
         kk = tl.arange(0, BLOCK_K).to(tl.int64)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LORA and EPI_DROPOUT:
+            acc = _lora_tile(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
+                             stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
+            keep = _dropout_keep(seed, rows, cols, N, threshold.to(tl.uint32))
+            acc = tl.where(keep, acc, tl.zeros_like(acc))
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             k_ok = ks < K
@@ -180,25 +206,9 @@ if HAS_TRITON:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-
-        if HAS_LORA:
-            rr0 = tl.arange(0, BLOCK_R)
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + rr0
-                r_ok = rr < R
-                t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-                l = tl.load(l_ptr + rr[:, None] * stride_lr + cols[None, :] * stride_ln,
-                            mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
-                    t = t.to(tl.float32)
-                    l = l.to(tl.float32)
-                lora = tl.dot(t, l, lora, input_precision=INPUT_PRECISION)
-            if EPI_DROPOUT:
-                keep = _dropout_keep(seed, rows, cols, N, threshold.to(tl.uint32))
-                lora = tl.where(keep, lora, tl.zeros_like(lora))
-            acc += lora * lora_scale
+        if HAS_LORA and not EPI_DROPOUT:
+            acc = _lora_tile(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
+                             stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
@@ -287,6 +297,13 @@ if HAS_TRITON:
 # when autotuning is switched off with LORA_KERNELS_AUTOTUNE=0 (tests).
 _PINNED_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# IEEE fp32 runs on the FMA units, not the tensor cores: the 16-bit tile above needs a 6.8 KB stack there
+# (offline sm_90 compile report), so fp32 gets a smaller one.
+_PINNED_GPU_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def _pinned_gpu(dtype: torch.dtype) -> dict:
+    return _PINNED_GPU_FP32 if dtype == torch.float32 else _PINNED_GPU
 
 
 def _empty(shape, device, dtype) -> torch.Tensor:
@@ -336,8 +353,15 @@ def dropout_mask(seed: int, shape: Tuple[int, int], p: float, device) -> torch.T
     return out.bool()
 
 
-def _shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """t = dropout(x2d) aᵀ / (1-p) with a of shape [R, K] (any strides)."""
+def _shrink_meta(block_r: int):
+    """(BLOCK_M, BLOCK_K, num_warps) of the shrink kernel on a GPU: the whole of r in one tile, x read once."""
+    if block_r <= 64:
+        return 64, 64, 4
+    return (64, 64, 8) if block_r <= 128 else (64, 32, 8)  # BLOCK_M ≥ 64 keeps wgmma (sm_90 report)
+
+
+def _shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float, out_scale: float) -> torch.Tensor:
+    """t = out_scale · dropout_p(x2d) aᵀ (mask only, no 1/(1-p): fold that into out_scale), a: [R, K] any strides."""
     m, k = x2d.shape
     r = a.shape[0]
     t = _empty((m, r), x2d.device, x2d.dtype)
@@ -347,21 +371,21 @@ def _shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Te
     if interpreter_enabled():
         meta = dict(BLOCK_M=32, BLOCK_K=32)
     else:
-        meta = dict(BLOCK_M=64 if block_r <= 64 else 32, BLOCK_K=64 if block_r <= 128 else 32,
-                    num_warps=4 if block_r <= 64 else 8, num_stages=3)
+        block_m, block_k, warps = _shrink_meta(block_r)
+        meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=3)
     grid = (triton.cdiv(m, meta["BLOCK_M"]),)
     _lora_shrink_kernel[grid](
         x2d, a, t, m, k, r,
         x2d.stride(0), x2d.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        seed, _dropout_threshold(p), 1.0 / (1.0 - p),
+        seed, _dropout_threshold(p), out_scale,
         HAS_DROPOUT=p > 0.0, UPCAST=_upcast(x2d.dtype), INPUT_PRECISION=_input_precision(x2d.dtype),
         BLOCK_R=block_r, **meta,
     )
     return t
 
 
-def _gemm(a2d, w, w_strides, bias, t, l, l_strides, n, lora_scale, seed, p, epi_dropout):
-    """c[M, n] = a2d @ w (+ bias) + lora_scale · (keep ⊙ t @ l); w and l given as (ptr tensor, strides)."""
+def _gemm(a2d, w, w_strides, bias, t, l, l_strides, n, seed, p, epi_dropout):
+    """c[M, n] = a2d @ w (+ bias) + keep ⊙ (t @ l); w and l given as (tensor, strides); keep only if epi_dropout."""
     m, k = a2d.shape
     r = t.shape[1]
     c = _empty((m, n), a2d.device, a2d.dtype)
@@ -373,7 +397,7 @@ def _gemm(a2d, w, w_strides, bias, t, l, l_strides, n, lora_scale, seed, p, epi_
         m, n, k, r,
         a2d.stride(0), a2d.stride(1), w_strides[0], w_strides[1], t.stride(0), t.stride(1),
         l_strides[0], l_strides[1], c.stride(0), c.stride(1),
-        lora_scale, seed, _dropout_threshold(p), min(triton.next_power_of_2(m), 16384) // 64,
+        seed, _dropout_threshold(p), min(triton.next_power_of_2(m), 16384) // 64,
     )
     flags = dict(HAS_BIAS=has_bias, HAS_LORA=r > 0, EPI_DROPOUT=epi_dropout and p > 0.0,
                  UPCAST=_upcast(a2d.dtype), INPUT_PRECISION=_input_precision(a2d.dtype), BLOCK_R=_block_r(r))
@@ -381,10 +405,19 @@ def _gemm(a2d, w, w_strides, bias, t, l, l_strides, n, lora_scale, seed, p, epi_
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _lora_gemm_kernel_tuned[grid](*args, **flags)
     else:
-        meta = _PINNED_INTERPRET if interpreter_enabled() else _PINNED_GPU
+        meta = _PINNED_INTERPRET if interpreter_enabled() else _pinned_gpu(a2d.dtype)
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _lora_gemm_kernel[grid](*args, **flags, **meta)
     return c
+
+
+def _wgrad_meta(pdim: int, q: int, dropout: bool, dtype: torch.dtype):
+    """(BLOCK_P, BLOCK_Q, BLOCK_M, num_warps) of the token reduction on a GPU."""
+    bp = 64 if pdim > 32 else max(16, triton.next_power_of_2(pdim))
+    bq = 64 if q > 32 else max(16, triton.next_power_of_2(q))
+    bm = 32 if dtype == torch.float32 else 64
+    # In-kernel Philox on a 64×64 tile with 4 warps spilled 736 B (sm_90 report); 8 warps halve its share.
+    return bp, bq, bm, (8 if dropout else 4)
 
 
 def _wgrad(left: torch.Tensor, right: torch.Tensor, seed: int, p: float, splits: Optional[int] = None):
@@ -396,9 +429,8 @@ def _wgrad(left: torch.Tensor, right: torch.Tensor, seed: int, p: float, splits:
     if interpreter_enabled():
         bp, bq, bm, meta = 32, 32, 32, {}
     else:
-        bp = 64 if pdim > 32 else max(16, triton.next_power_of_2(pdim))
-        bq = 64 if q > 32 else max(16, triton.next_power_of_2(q))
-        bm, meta = 64, dict(num_warps=4, num_stages=3)
+        bp, bq, bm, warps = _wgrad_meta(pdim, q, p > 0.0, left.dtype)
+        meta = dict(num_warps=warps, num_stages=3)
     tiles = triton.cdiv(pdim, bp) * triton.cdiv(q, bq)
     if splits is None:
         target = 4 if interpreter_enabled() else 4 * _sm_count(left.device)
@@ -438,11 +470,12 @@ def _torch_keep_mask(seed: int, n: int, k: int, p: float, device: torch.device) 
     return torch.rand((n, k), generator=gen, device=device) >= p
 
 
-def _torch_dropped(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def _torch_masked(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """m ⊙ x (no 1/(1-p): callers fold it into their scale, as the kernels do)."""
     if p == 0.0:
         return x2d
     keep = _torch_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
-    return x2d * keep.to(x2d.dtype) / (1.0 - p)
+    return x2d * keep.to(x2d.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,43 +483,43 @@ def _torch_dropped(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 def lora_fwd(x2d, weight, bias, lora_A, lora_B, scale: float, dropout_p: float, seed: int):
-    """Returns (y2d [N, out], t [N, r]).  x2d: [N, in] with any strides."""
+    """Returns (y2d [N, out], t [N, r]) with t = s · dropout(x) Aᵀ (scale folded in).  x2d: [N, in], any strides."""
     if use_triton(x2d):
-        t = _shrink(x2d, lora_A, seed, dropout_p)
+        t = _shrink(x2d, lora_A, seed, dropout_p, scale / (1.0 - dropout_p))
         y = _gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, t,
-                  lora_B, (lora_B.stride(1), lora_B.stride(0)), weight.shape[0], scale, seed, 0.0, False)
+                  lora_B, (lora_B.stride(1), lora_B.stride(0)), weight.shape[0], seed, 0.0, False)
         return y, t
-    t = _torch_dropped(x2d, seed, dropout_p) @ lora_A.t()
+    t = (_torch_masked(x2d, seed, dropout_p) @ lora_A.t()).mul_(scale / (1.0 - dropout_p))
     y = torch.nn.functional.linear(x2d, weight, bias)
-    return y.addmm_(t, lora_B.t(), alpha=scale), t
+    return y.addmm_(t, lora_B.t()), t
 
 
 def lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale: float, dropout_p: float, seed: int,
              need_dx: bool, need_dA: bool, need_dB: bool, n_in: int):
     """Returns (dx2d, dA, dB); entries not asked for are None.  x2d is needed only for dA, t only for dB."""
     dx = d_a = d_b = None
+    gscale = scale / (1.0 - dropout_p)  # gB' = s/(1-p) · g B serves both dX and dA
     if use_triton(g2d):
-        gb = _shrink(g2d, lora_B.t(), 0, 0.0) if (need_dx or need_dA) else None
+        gb = _shrink(g2d, lora_B.t(), 0, 0.0, gscale) if (need_dx or need_dA) else None
         if need_dx:
             dx = _gemm(g2d, weight, (weight.stride(0), weight.stride(1)), None, gb,
-                       lora_A, (lora_A.stride(0), lora_A.stride(1)), n_in,
-                       scale / (1.0 - dropout_p), seed, dropout_p, True)
+                       lora_A, (lora_A.stride(0), lora_A.stride(1)), n_in, seed, dropout_p, True)
         if need_dA:
-            d_a = (_wgrad(gb, x2d, seed, dropout_p) * (scale / (1.0 - dropout_p))).to(lora_A.dtype)
+            d_a = _wgrad(gb, x2d, seed, dropout_p).to(lora_A.dtype)
         if need_dB:
-            d_b = (_wgrad(g2d, t, 0, 0.0) * scale).to(lora_B.dtype)
+            d_b = _wgrad(g2d, t, 0, 0.0).to(lora_B.dtype)
         return dx, d_a, d_b
-    gb = g2d @ lora_B if (need_dx or need_dA) else None
+    gb = (g2d @ lora_B).mul_(gscale) if (need_dx or need_dA) else None
     if need_dx:
         lora_dx = gb @ lora_A
         if dropout_p > 0.0:
             keep = _torch_keep_mask(seed, g2d.shape[0], n_in, dropout_p, g2d.device)
             lora_dx = lora_dx * keep.to(lora_dx.dtype)
-        dx = (g2d @ weight).add_(lora_dx, alpha=scale / (1.0 - dropout_p))
+        dx = (g2d @ weight).add_(lora_dx)
     if need_dA:
-        d_a = (gb.t() @ _torch_dropped(x2d, seed, dropout_p)) * scale
+        d_a = gb.t() @ _torch_masked(x2d, seed, dropout_p)
     if need_dB:
-        d_b = (g2d.t() @ t) * scale
+        d_b = g2d.t() @ t
     return dx, d_a, d_b
 
 
@@ -504,7 +537,11 @@ class LoRALinearFunction(torch.autograd.Function):
       ∂L/∂x  = g W + m ⊙ ((∂L/∂t) A) / (1-p)  = g W + s/(1-p) · m ⊙ (gB A)
       ∂L/∂W  = gᵀ x,  ∂L/∂b = Σ_rows g        (only if the caller made W or b trainable)
 
-    Saved for backward: B-only (A frozen) keeps t and the seed, never x; AB and A-only keep x itself (same
+    The kernels fold the scales into the N×r intermediates (t' = s·t, gB' = s/(1-p)·g B), so that the LoRA term
+    shares the base GEMM's accumulator and dB = gᵀ t', dA = gB'ᵀ (m ⊙ x), dX = g W + m ⊙ (gB' A) need no
+    further scaling.
+
+    Saved for backward: B-only (A frozen) keeps t' and the seed, never x; AB and A-only keep x itself (same
     storage, no copy) and the seed, plus t when B needs a gradient.  W, A, B are parameters, saved by
     reference.  The dropout mask is never stored: every kernel regenerates it from the seed.
     """

@@ -1,0 +1,126 @@
+"""Offline (no GPU) compilation of every kernel variant the launchers use, for a chosen NVIDIA target.
+
+Triton ships ptxas, cuobjdump and nvdisasm, so on any machine with Triton we can compile for Hopper (sm_90) and read
+the resource report: registers per thread, stack bytes (spills), shared memory, and whether the matrix products
+became wgmma (``HGMMA`` in SASS).  The CPU test suite runs this so a kernel that stops compiling for the GPU, or
+starts spilling, fails CI even though CI has no GPU.  ``python -m lora_kernels.ops.aot`` prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lora_kernels.ops import fused_lora_linear as ops
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_FLOAT_ARGS = {"out_scale", "lora_scale"}
+_I64_ARGS = {"seed"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kernel: object
+    dtype: str  # triton type name of the tensor operands: "bf16", "fp16", "fp32"
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    out_dtype: str = ""  # pointer type of the output, when it differs (wgrad writes fp32 partials)
+
+
+@dataclass
+class Report:
+    variant: Variant
+    regs: int
+    stack: int
+    shared: int
+    hgmma: int
+    error: str = ""
+
+
+def _signature(v: Variant) -> Dict[str, str]:
+    sig = {}
+    for name in v.kernel.arg_names:
+        if name in v.constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (v.out_dtype if (v.out_dtype and name in ("c_ptr", "out_ptr")) else v.dtype)
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in _I64_ARGS:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_variant(v: Variant, capability: int = 90) -> Report:
+    src = ASTSource(fn=v.kernel, signature=_signature(v), constexprs=dict(v.constexprs), attrs={})
+    target = GPUTarget("cuda", capability, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": v.num_warps, "num_stages": v.num_stages})
+    try:
+        k = triton.compile(src, target=target, options=options.__dict__)
+    except Exception as exc:  # report, do not raise: the caller decides
+        return Report(v, -1, -1, -1, 0, error=f"{type(exc).__name__}: {str(exc)[:400]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), path], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return Report(v, regs, stack, int(k.metadata.shared), sass.count("HGMMA"))
+
+
+def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
+    """The variants the launchers use on a GPU with autotuning off (pinned tiles), for each dtype."""
+    import torch
+
+    out = []
+    for dt in dtypes:
+        tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+        g = ops._pinned_gpu(tdt)
+        tiles = {k: g[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        common = dict(UPCAST=False, INPUT_PRECISION="ieee")
+        for r, drop in ((16, True), (64, True), (256, False)):
+            mblk, kblk, warps = ops._shrink_meta(r)
+            out.append(Variant(f"shrink r{r}{' dropout' if drop else ''}", ops._lora_shrink_kernel, dt,
+                               dict(HAS_DROPOUT=drop, BLOCK_M=mblk, BLOCK_K=kblk, BLOCK_R=r, **common), warps, 3))
+        for name, bias, drop in (("gemm fwd", True, False), ("gemm dgrad", False, False),
+                                 ("gemm dgrad dropout", False, True)):
+            out.append(Variant(name, ops._lora_gemm_kernel, dt,
+                               dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BLOCK_R=16, **tiles, **common),
+                               g["num_warps"], g["num_stages"]))
+        for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False), ("wgrad dA (r16 x in)", 16, 4096, False),
+                                    ("wgrad dA dropout", 16, 4096, True), ("wgrad dA r64 dropout", 64, 4096, True)):
+            bp, bq, bm, warps = ops._wgrad_meta(pdim, q, drop, tdt)
+            out.append(Variant(name, ops._lora_wgrad_kernel, dt,
+                               dict(HAS_DROPOUT=drop, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=bm, **common), warps, 3,
+                               out_dtype="fp32"))
+    return out
+
+
+def main() -> None:
+    print(f"{'variant':28s} {'dtype':5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s} {'HGMMA':>6s}")
+    for v in launcher_variants():
+        r = compile_variant(v)
+        if r.error:
+            print(f"{v.name:28s} {v.dtype:5s} FAILED {r.error}")
+            continue
+        print(f"{v.name:28s} {v.dtype:5s} {v.num_warps:5d} {r.regs:5d} {r.stack:6d} {r.shared:7d} {r.hgmma:6d}")
+
+
+if __name__ == "__main__":
+    main()

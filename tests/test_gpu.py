@@ -1,0 +1,63 @@
+"""GPU-only checks: bf16 on real tensor cores, large and odd shapes, the autotuned path, > 2³¹-element tensors.
+
+Skipped cleanly on machines without CUDA (the ``gpu`` marker, resolved in conftest at collection time).
+"""
+
+import pytest
+import torch
+
+from lora_kernels import dropout_mask, lora_linear, lora_linear_ref
+from tests.test_lora_linear import MODES, make_case, rel_err, run_and_compare
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(params=["autotune", "pinned"])
+def tuning(request, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1" if request.param == "autotune" else "0")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(1000, 1024, 2816, 16, True), (777, 4096, 1000, 100, False),
+                                   (4096, 512, 512, 256, True), (1, 4096, 4096, 7, True)],
+                         ids=lambda s: "x".join(map(str, s[:4])))
+def test_gpu_matches_float64(tuning, dtype, mode, p, shape):
+    n, d_in, d_out, r, bias = shape
+    run_and_compare(*make_case(n, d_in, d_out, r, dtype, mode, bias, device="cuda"), scale=0.5, p=p)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gpu_3d_noncontiguous(mode):
+    x, w, b, a, bb = make_case(300, 768, 512, 16, torch.bfloat16, mode, lead=(4,), device="cuda")
+    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # same values, other strides
+    run_and_compare(xt, w, b, a, bb, scale=2.0, p=0.05)
+
+
+def test_gpu_beyond_int32_offsets():
+    """N·in > 2³¹: the last rows (whose linear indices exceed int32) must be right, dropout mask included."""
+    d_in, d_out, r, p = 2048, 64, 8, 0.1
+    n = 2**31 // d_in + 1000
+    x, w, b, a, bb = make_case(n, d_in, d_out, r, torch.bfloat16, device="cuda")
+    y = lora_linear(x, w, b, a, bb, 1.0, p, seed=5)
+    g = torch.randn_like(y)
+    dx, da, db = torch.autograd.grad(y, [x, a, bb], g)
+    tail = slice(n - 1000, n)
+    mask = dropout_mask(5, (n, d_in), p, "cuda")[tail]
+    xs = x.detach()[tail].double()
+    yr = lora_linear_ref(xs, w.double(), b.double(), a.double(), bb.double(), 1.0, p, dropout_mask=mask)
+    assert rel_err(y[tail], yr) < 1e-2
+    dxr = g[tail].double() @ w.double() + (mask * ((g[tail].double() @ bb.double()) @ a.double())) / (1 - p)
+    assert rel_err(dx[tail], dxr) < 1e-2
+    assert torch.isfinite(da).all() and torch.isfinite(db).all()
+    del dx, da, db, y, x
+
+
+def test_gpu_dropout_mask_matches_cpu_interpreter_definition():
+    """The mask depends only on (seed, index): reproducible across calls and shapes' tails."""
+    m1 = dropout_mask(11, (513, 1000), 0.3, "cuda")
+    m2 = dropout_mask(11, (513, 1000), 0.3, "cuda")
+    assert torch.equal(m1, m2)
+    assert abs(m1.float().mean().item() - 0.7) < 0.01
