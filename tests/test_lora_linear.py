@@ -69,6 +69,8 @@ SHAPES = [  # (N tokens, in, out, r, bias)
     (7, 33, 50, 7, False),
     (100, 70, 45, 16, True),
     (64, 100, 129, 100, True),
+    (100, 64, 48, 16, True),   # 16-byte aligned rows: the GEMM takes the tensor-descriptor (TMA) path
+    (37, 96, 80, 5, False),    # TMA path with ragged M and N edges
 ]
 
 
@@ -100,6 +102,27 @@ def test_noncontiguous_input_and_grad(backend, p):
     y = lora_linear(x, w, b, a, bb, 1.0, p, seed=7)
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(bb.grad).all()
+
+
+@pytest.mark.parametrize("shape, tma", [((100, 64, 48, 16), True), ((37, 96, 80, 5), True),
+                                        ((100, 70, 45, 16), False), ((64, 100, 129, 7), False)])
+def test_gemm_path_choice_and_agreement(backend, monkeypatch, shape, tma):
+    """Aligned shapes take the TMA path, odd ones the pointer path; forcing the pointer path changes nothing."""
+    if backend != "triton":
+        pytest.skip("kernel path detail")
+    chosen = []
+    orig = lora_ops._use_tma
+    monkeypatch.setattr(lora_ops, "_use_tma", lambda *a: chosen.append(orig(*a)) or chosen[-1])
+    n, d_in, d_out, r = shape
+    x, w, b, a, bb = make_case(n, d_in, d_out, r, torch.float16)
+    outs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("LORA_KERNELS_TMA", env)
+        y = lora_linear(x, w, b, a, bb, 0.5, 0.2, seed=3)
+        outs.append([y] + list(torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
+    assert chosen == [tma, tma, False, False]  # forward + dgrad, then both forced off
+    for o1, o2 in zip(*outs):
+        assert torch.allclose(o1.float(), o2.float(), rtol=2e-3, atol=2e-3)
 
 
 def test_wgrad_split_reduction(backend):

@@ -19,6 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from lora_kernels._backend import interpreter_enabled
 from lora_kernels.ops import fused_lora_linear as ops
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -98,13 +99,14 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
             mblk, kblk, warps = ops._shrink_meta(r)
             out.append(Variant(f"shrink r{r}{' dropout' if drop else ''}", ops._lora_shrink_kernel, dt,
                                dict(HAS_DROPOUT=drop, BLOCK_M=mblk, BLOCK_K=kblk, BLOCK_R=r, **common), warps, 3))
-        for name, bias, drop in (("gemm fwd", True, False), ("gemm dgrad", False, False),
-                                 ("gemm dgrad dropout", False, True)):
-            out.append(Variant(name, ops._lora_gemm_kernel, dt,
-                               dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BLOCK_R=16, **tiles, **common),
-                               g["num_warps"], g["num_stages"]))
-        for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False), ("wgrad dA (r16 x in)", 16, 4096, False),
-                                    ("wgrad dA dropout", 16, 4096, True), ("wgrad dA r64 dropout", 64, 4096, True)):
+        for tma in ((True, False) if dt != "fp32" else (False,)):
+            for name, bias, drop, w_nk in (("gemm fwd", True, False, True), ("gemm dgrad", False, False, False),
+                                           ("gemm dgrad dropout", False, True, False)):
+                out.append(Variant(f"{name}{' tma' if tma else ''}", ops._lora_gemm_kernel, dt,
+                                   dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BLOCK_R=16, USE_TMA=tma,
+                                        W_NK=w_nk, **tiles, **common), g["num_warps"], g["num_stages"]))
+        for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False), ("wgrad dAT (in x r16)", 4096, 16, False),
+                                    ("wgrad dAT dropout", 4096, 16, True), ("wgrad dAT r64 dropout", 4096, 64, True)):
             bp, bq, bm, warps = ops._wgrad_meta(pdim, q, drop, tdt)
             out.append(Variant(name, ops._lora_wgrad_kernel, dt,
                                dict(HAS_DROPOUT=drop, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=bm, **common), warps, 3,
@@ -112,14 +114,52 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
     return out
 
 
-def main() -> None:
-    print(f"{'variant':28s} {'dtype':5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s} {'HGMMA':>6s}")
-    for v in launcher_variants():
-        r = compile_variant(v)
+def autotune_variants(dtype: str = "bf16") -> List[Variant]:
+    """Every autotuning candidate of the fused GEMM that the pruner can pick, forward and masked dgrad."""
+    out = []
+    for tma in (True, False):
+        for name, drop in (("gemm fwd", False), ("gemm dgrad dropout", True)):
+            flags = {"USE_TMA": tma, "EPI_DROPOUT": drop}
+            for cfg in ops._prune_gemm_configs(ops.get_gemm_configs(), {"M": 8192, "N": 4096}, **flags):
+                tiles = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                out.append(Variant(f"{name}{' tma' if tma else ''} [{tiles} w{cfg.num_warps} s{cfg.num_stages}]",
+                                   ops._lora_gemm_kernel, dtype,
+                                   dict(HAS_BIAS=not drop, HAS_LORA=True, EPI_DROPOUT=drop, BLOCK_R=16, UPCAST=False,
+                                        INPUT_PRECISION="ieee", USE_TMA=tma, W_NK=not drop, **cfg.kwargs),
+                                   cfg.num_warps, cfg.num_stages))
+    return out
+
+
+def checked_variants() -> List[Variant]:
+    """The set the test suite checks: every launcher variant in bf16 and fp32, every bf16 autotune candidate."""
+    return launcher_variants(("bf16", "fp32")) + autotune_variants("bf16")
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", action="store_true", help="print the checked set as JSON (for the tests)")
+    ap.add_argument("--capability", type=int, default=90)
+    args = ap.parse_args(argv)
+    if interpreter_enabled():
+        raise SystemExit("unset TRITON_INTERPRET: offline compilation needs Triton's compiled JIT")
+    if args.json:
+        rows = []
+        for v in checked_variants():
+            r = compile_variant(v, args.capability)
+            rows.append(dict(name=v.name, dtype=v.dtype, regs=r.regs, stack=r.stack, shared=r.shared,
+                             hgmma=r.hgmma, error=r.error))
+        print(json.dumps(rows))
+        return
+    print(f"{'variant':52s} {'dtype':5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s} {'HGMMA':>6s}")
+    for v in launcher_variants() + autotune_variants():
+        r = compile_variant(v, args.capability)
         if r.error:
-            print(f"{v.name:28s} {v.dtype:5s} FAILED {r.error}")
+            print(f"{v.name:52s} {v.dtype:5s} FAILED {r.error}")
             continue
-        print(f"{v.name:28s} {v.dtype:5s} {v.num_warps:5d} {r.regs:5d} {r.stack:6d} {r.shared:7d} {r.hgmma:6d}")
+        print(f"{v.name:52s} {v.dtype:5s} {v.num_warps:5d} {r.regs:5d} {r.stack:6d} {r.shared:7d} {r.hgmma:6d}")
 
 
 if __name__ == "__main__":
