@@ -1,0 +1,238 @@
+"""Microbenchmark of the fused LoRA linear layer against nn.Linear, PEFT and the cuBLAS addmm composition.
+
+Providers, measured side by side in one run on the same inputs:
+  linear  frozen nn.Linear (the floor; its backward computes dX only)
+  peft    PEFT's LoRA Linear when peft imports, else the same composition in plain torch (base + B(A(drop(x)))·s)
+  addmm   x Wᵀ then ``addmm_`` of (drop(x) Aᵀ) Bᵀ  (cuBLAS, two GEMMs + two skinny ones)
+  ours    lora_kernels.lora_linear
+Modes: ``fwd`` (inference, under no_grad) and ``fwdbwd-AB`` / ``fwdbwd-B`` / ``fwdbwd-A`` (x requires grad, as in a
+middle layer; gradients taken with autograd.grad so nothing accumulates).  Each shape is also checked
+numerically against a float64 reference in the same run.
+
+  python bench/bench_lora_linear.py --quick      # the target configuration (8192 tokens, 4096→4096, r=16) + 2048
+  python bench/bench_lora_linear.py              # the full sweep (3 shapes × 3 token counts × 3 ranks)
+  python bench/bench_lora_linear.py --smoke      # tiny CPU run that exercises the script (no performance claim)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utils import (bench_ms, environment, markdown_table, peak_mem_bytes, plot_ratios,  # noqa: E402
+                   saved_activation_bytes, write_csv)
+
+from lora_kernels import lora_linear, lora_linear_ref  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d_in: int
+    d_out: int
+
+
+LLAMA2_7B = (Shape("q/o 4096→4096", 4096, 4096), Shape("up 4096→11008", 4096, 11008),
+             Shape("down 11008→4096", 11008, 4096))
+MODES = ("fwd", "fwdbwd-AB", "fwdbwd-B", "fwdbwd-A")
+TRAINS = {"fwdbwd-AB": (True, True), "fwdbwd-B": (False, True), "fwdbwd-A": (True, False), "fwd": (False, False)}
+
+
+def _peft_linear(base: nn.Linear, r: int, alpha: float, p: float):
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    except Exception:
+        return None
+    layer = PeftLoraLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=p)
+    return layer
+
+
+class _TorchLoRA(nn.Module):
+    """PEFT's composition in plain torch, for machines without peft."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, p: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.drop = nn.Dropout(p)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scaling
+
+
+def _flops(n: int, d_in: int, d_out: int, r: int, mode: str) -> float:
+    fwd = 2.0 * n * d_in * d_out + 2.0 * n * r * (d_in + d_out)
+    if mode == "fwd":
+        return fwd
+    a_tr, b_tr = TRAINS[mode]
+    bwd = 2.0 * n * d_out * d_in + 2.0 * n * r * (d_out + d_in)
+    bwd += (2.0 * n * r * d_in if a_tr else 0.0) + (2.0 * n * d_out * r if b_tr else 0.0)
+    return fwd + bwd
+
+
+def build_case(shape: Shape, n: int, r: int, p: float, dtype, device):
+    """One set of weights shared by every provider (random, never zero: B is random too)."""
+    base = nn.Linear(shape.d_in, shape.d_out, device=device, dtype=dtype).requires_grad_(False)
+    a = (torch.randn(r, shape.d_in, device=device) / shape.d_in**0.5).to(dtype)
+    b = (torch.randn(shape.d_out, r, device=device) / r**0.5).to(dtype)
+    x = torch.randn(n, shape.d_in, device=device, dtype=dtype)
+    g = torch.randn(n, shape.d_out, device=device, dtype=dtype)
+    return base, a, b, x, g
+
+
+def providers(base: nn.Linear, a, b, r: int, p: float, mode: str) -> Dict[str, tuple]:
+    """name -> (forward callable of x, adapter tensors that train in this mode, every parameter it holds)."""
+    a_tr, b_tr = TRAINS[mode]
+    scale = 1.0  # lora_alpha = r
+    A = a.clone().requires_grad_(a_tr)
+    B = b.clone().requires_grad_(b_tr)
+    out: Dict[str, tuple] = {"linear": (lambda x: F.linear(x, base.weight, base.bias), [], [base.weight, base.bias])}
+
+    peft = _peft_linear(base, r, float(r), p)
+    if peft is None:
+        peft = _TorchLoRA(base, r, float(r), p)
+        pa, pb = peft.lora_A.weight, peft.lora_B.weight
+        label = "peft-like"
+    else:
+        pa, pb = peft.lora_A["default"].weight, peft.lora_B["default"].weight
+        label = "peft"
+    with torch.no_grad():
+        pa.copy_(a)
+        pb.copy_(b)
+    pa.requires_grad_(a_tr)
+    pb.requires_grad_(b_tr)
+    peft.train(p > 0)
+    out[label] = (peft, [t for t, tr in ((pa, a_tr), (pb, b_tr)) if tr], list(peft.parameters()))
+
+    def addmm(x):
+        y = F.linear(x, base.weight, base.bias)
+        t = F.dropout(x, p, training=p > 0) @ A.t()
+        return y.addmm_(t, B.t(), alpha=scale)
+
+    trainable = [t for t, tr in ((A, a_tr), (B, b_tr)) if tr]
+    out["addmm"] = (addmm, trainable, [base.weight, base.bias, A, B])
+    out["ours"] = (lambda x: lora_linear(x, base.weight, base.bias, A, B, scale, p), trainable,
+                   [base.weight, base.bias, A, B])
+    return out
+
+
+def check_numerics(base, a, b, x, g, p) -> Dict[str, float]:
+    """Relative errors vs float64 of ours and of torch in the same dtype (AB mode, same dropout mask)."""
+    from lora_kernels import dropout_mask
+
+    seed = 1234
+    A = a.clone().requires_grad_()
+    B = b.clone().requires_grad_()
+    xx = x.clone().requires_grad_()
+    y = lora_linear(xx, base.weight, base.bias, A, B, 1.0, p, seed=seed)
+    got = [y] + list(torch.autograd.grad(y, [xx, A, B], g))
+    mask = dropout_mask(seed, tuple(x.shape), p, x.device) if p > 0 else None
+    res = {}
+    for kind, dt in (("ref", torch.float64), ("torch", x.dtype)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, a, b)]
+        yr = lora_linear_ref(leaves[0], base.weight.to(dt), base.bias.to(dt), leaves[1], leaves[2], 1.0, p,
+                             dropout_mask=mask)
+        res[kind] = [yr] + list(torch.autograd.grad(yr, leaves, g.to(dt)))
+    errs = {}
+    for name, o, r64, same in zip(("y", "dx", "dA", "dB"), got, res["ref"], res["torch"]):
+        r64 = r64.double()
+        errs[f"err_{name}"] = ((o.double() - r64).norm() / r64.norm()).item()
+        errs[f"err_torch_{name}"] = ((same.double() - r64).norm() / r64.norm()).item()
+    return errs
+
+
+def run(shapes, tokens, ranks, dropouts, modes, dtype, device, out_dir: Optional[str], tag: str) -> List[dict]:
+    rows: List[dict] = []
+    env = environment()
+    print(f"# bench_lora_linear  {env}")
+    for shape in shapes:
+        for n in tokens:
+            for r in ranks:
+                for p in dropouts:
+                    base, a, b, x, g = build_case(shape, n, r, p, dtype, device)
+                    errs = check_numerics(base, a, b, x, g, p)
+                    print(f"{shape.name} N={n} r={r} p={p}: rel err ours/torch "
+                          + " ".join(f"{k}={errs['err_' + k]:.2e}/{errs['err_torch_' + k]:.2e}"
+                                     for k in ("y", "dx", "dA", "dB")))
+                    for mode in modes:
+                        if mode == "fwd" and p > 0:
+                            continue  # inference has no dropout
+                        rows += _time_mode(shape, n, r, p, mode, base, a, b, x, g, errs)
+                    del base, a, b, x, g
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+    if out_dir:
+        csv_path = os.path.join(out_dir, f"lora_linear_{tag}.csv")
+        write_csv(csv_path, rows)
+        png = os.path.join(out_dir, f"lora_linear_{tag}.png")
+        plot_rows = [dict(r, case=f"{r['shape'].split()[0]} N{r['tokens']} r{r['r']} p{r['dropout']} {r['mode']}")
+                     for r in rows if r["provider"] != "linear"]
+        plot_ratios(png, plot_rows, "case", "provider", "ratio", f"time / nn.Linear ({env['device']}, {dtype})")
+        print(f"wrote {csv_path}" + (f" and {png}" if os.path.exists(png) else ""))
+    cols = ["shape", "tokens", "r", "dropout", "mode", "provider", "ms", "ratio", "tflops", "peak_mb", "saved_mb"]
+    print(markdown_table(rows, cols))
+    return rows
+
+
+def _time_mode(shape, n, r, p, mode, base, a, b, x, g, errs) -> List[dict]:
+    rows = []
+    provs = providers(base, a, b, r, p, mode)
+    linear_ms = None
+    for name, (fwd, trainable, params) in provs.items():
+        if mode == "fwd":
+            def fn(fwd=fwd):
+                with torch.no_grad():
+                    return fwd(x)
+            saved = 0
+        else:
+            xx = x.clone().requires_grad_()
+
+            def fn(fwd=fwd, trainable=trainable, xx=xx):
+                y = fwd(xx)
+                return torch.autograd.grad(y, [xx] + trainable, g)
+            saved = saved_activation_bytes(lambda fwd=fwd, xx=xx: fwd(xx), params)
+        fn()  # autotuning / compilation outside the timed region
+        ms = bench_ms(fn)
+        peak = peak_mem_bytes(fn)
+        if name == "linear":
+            linear_ms = ms
+        rows.append(dict(shape=shape.name, d_in=shape.d_in, d_out=shape.d_out, tokens=n, r=r, dropout=p, mode=mode,
+                         provider=name, ms=ms, ratio=ms / linear_ms, tflops=_flops(n, shape.d_in, shape.d_out, r, mode)
+                         / ms / 1e9, peak_mb=peak / 2**20, saved_mb=saved / 2**20, **errs))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="target configuration only")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run exercising the script")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--tag", default=None, help="CSV/PNG name suffix (default: quick/full/smoke)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        shapes, tokens, ranks, dropouts = (Shape("tiny 64→48", 64, 48),), (37,), (4,), (0.0, 0.1)
+        dtype, device = torch.float32, "cpu"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_lora_linear needs a CUDA GPU (use --smoke for a CPU run of the script)")
+        dtype, device = torch.bfloat16, "cuda"
+        if args.quick:
+            shapes, tokens, ranks, dropouts = LLAMA2_7B[:1], (8192, 2048), (16,), (0.0, 0.1)
+        else:
+            shapes, tokens, ranks, dropouts = LLAMA2_7B, (2048, 8192, 16384), (8, 16, 64), (0.0, 0.1)
+    tag = args.tag or ("smoke" if args.smoke else "quick" if args.quick else "full")
+    return run(shapes, tokens, ranks, dropouts, MODES, dtype, device, args.out, tag)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The benchmark script runs end to end (tiny CPU shapes) and records what it claims to record.
+
+No timing is asserted here (performance claims live in the benchmark's GPU output, not in unit tests); what is
+asserted is the bookkeeping: one row per provider and mode, ratios against nn.Linear, numerics checked in the
+same run, and the saved-activation column showing that B-only keeps only N×r (t), never x.
+"""
+
+import csv
+import importlib.util
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_bench():
+    path = os.path.join(HERE, "..", "bench", "bench_lora_linear.py")
+    spec = importlib.util.spec_from_file_location("bench_lora_linear", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_smoke(tmp_path):
+    bench = _load_bench()
+    rows = bench.main(["--smoke", "--out", str(tmp_path)])
+    providers = {r["provider"] for r in rows}
+    assert {"linear", "addmm", "ours"} <= providers and len(providers) == 4
+    assert all(r["ratio"] > 0 for r in rows)
+    assert all(r["ratio"] == 1.0 for r in rows if r["provider"] == "linear")
+    # numerics in the same run: ours within 2x of torch's own fp32 error + one ulp
+    for r in rows:
+        for k in ("y", "dx", "dA", "dB"):
+            assert r[f"err_{k}"] <= 2 * r[f"err_torch_{k}"] + 1.2e-7
+    n, d_in, r_ = 37, 64, 4
+    ours_b = [r for r in rows if r["provider"] == "ours" and r["mode"] == "fwdbwd-B"]
+    assert ours_b and all(abs(r["saved_mb"] * 2**20 - n * r_ * 4) < 1 for r in ours_b)  # t only, fp32
+    ours_ab = [r for r in rows if r["provider"] == "ours" and r["mode"] == "fwdbwd-AB"]
+    assert all(abs(r["saved_mb"] * 2**20 - (n * d_in + n * r_) * 4) < 1 for r in ours_ab)  # x + t
+    with open(tmp_path / "lora_linear_smoke.csv") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and written[0]["device"].startswith("cpu")
+
+
+@pytest.mark.gpu
+def test_bench_quick_gpu(tmp_path):
+    rows = _load_bench().main(["--quick", "--out", str(tmp_path)])
+    assert any(r["provider"] == "ours" for r in rows)

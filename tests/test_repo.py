@@ -1,0 +1,23 @@
+"""The README's test command is exactly what CI runs; the package imports without a GPU and without _C."""
+
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    assert len(blocks) == 2, "the README gives exactly two commands for a fresh machine"
+    test_cmd = blocks[1].strip()
+    assert "pytest" in test_cmd and "TRITON_INTERPRET=1" in test_cmd
+    ci_lines = [ln.strip() for ln in ci.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert test_cmd in ci_lines
+
+
+def test_has_extension_is_a_bool():
+    import lora_kernels
+
+    assert isinstance(lora_kernels.has_extension(), bool)
