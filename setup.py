@@ -1,7 +1,8 @@
 """Build lora_kernels; the compiled extension ``lora_kernels._C`` is optional.
 
 * C++ sources in csrc/ (``*.cpp``) are built for CPU wherever a compiler and torch are present.
-* CUDA sources (``csrc/cuda/*.cu``) are added when nvcc and a CUDA build of torch are present.
+* CUDA sources (``csrc/cuda/*.cu`` and their torch bindings ``csrc/cuda/*.cpp``) are added when nvcc and a CUDA
+  build of torch are present.
 * Any failure to build the extension leaves a pure-Python install that works (more slowly) and says so once
   at run time.  ``LORA_KERNELS_NO_EXT=1`` skips the extension entirely.
 
@@ -29,6 +30,7 @@ def get_extensions():
         return [], {}
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_cpp = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not cpp:
         return [], {}
     cxx_flags = ["-O3", "-std=c++17"]
@@ -40,7 +42,7 @@ def get_extensions():
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
         if not archs:
             nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        ext = CUDAExtension("lora_kernels._C", cpp + cu, define_macros=[("WITH_CUDA", None)],
+        ext = CUDAExtension("lora_kernels._C", cpp + cuda_cpp + cu, define_macros=[("WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc})
     else:
         ext = CppExtension("lora_kernels._C", cpp, extra_compile_args={"cxx": cxx_flags})

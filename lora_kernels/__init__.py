@@ -1,26 +1,25 @@
 """lora_kernels: fused GPU kernels for LoRA fine-tuning.
 
 Public API: ``lora_linear`` / ``lora_linear_ref`` (functional), ``FusedLoRALinear`` (nn.Linear replacement),
-``has_extension`` (whether the optional compiled extension ``lora_kernels._C`` is present).
+``rsvd`` / ``rsvd_ref`` (batched randomized SVD), ``has_extension`` (whether the optional compiled extension
+``lora_kernels._C`` is present).
 """
 
+from lora_kernels import _extension
 from lora_kernels._backend import logger
 from lora_kernels.modules import FusedLoRALinear
 from lora_kernels.ops import LoRALinearFunction, dropout_mask, lora_linear, lora_linear_ref
-
-try:  # the compiled extension is optional: everything works without it, more slowly.
-    from lora_kernels import _C  # noqa: F401
-
-    _HAS_EXTENSION = True
-except ImportError:
-    _HAS_EXTENSION = False
+from lora_kernels.ops.rsvd import rsvd, rsvd_ref
 
 
-def has_extension() -> bool:
-    """True when the compiled C++/CUDA extension ``lora_kernels._C`` was built and imports."""
-    return _HAS_EXTENSION
+def has_extension(device: str = "cpu") -> bool:
+    """Whether the optional compiled extension ``lora_kernels._C`` serves ``device`` ("cpu" or "cuda").
+
+    Without it everything still works: rsvd's batched k×k SVD falls back to torch.linalg (said once in the log).
+    """
+    return _extension.has_cuda() if str(device).startswith("cuda") else _extension.available()
 
 
 __version__ = "0.1.0"
 __all__ = ["FusedLoRALinear", "LoRALinearFunction", "dropout_mask", "has_extension", "lora_linear",
-           "lora_linear_ref", "logger", "__version__"]
+           "lora_linear_ref", "logger", "rsvd", "rsvd_ref", "__version__"]
