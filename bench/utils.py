@@ -91,7 +91,7 @@ def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
 
 def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

@@ -80,8 +80,13 @@ def _chol_step(Y: torch.Tensor, shift: Optional[torch.Tensor]):
 def orth(Y: torch.Tensor, return_r: bool = False):
     """Orthonormal basis of the columns of Y (..., m, k), m ≥ k, by shifted CholeskyQR3; Y = Q R.
 
+    Computed in float64 (Q returned in Y's dtype, R in float64): these are m·k² flops against the m·n·k of a pass
+    over A, and in fp32 the Gram step lost u·cond(Y) of the subspace — on σᵢ ∝ i^-2 with k = 96, sinΘ rose from
+    the ~5e-6 fp32 floor to 9e-5 as iterations sharpened cond(AZ) to ~10⁴ (bench/rsvd_convergence.py).
     Elements whose Cholesky fails or whose result is not finite are recomputed with Householder QR.
     """
+    out_dtype = Y.dtype
+    Y = Y.double()
     m, k = Y.shape[-2:]
     u = torch.finfo(Y.dtype).eps / 2
     norm2 = Y.pow(2).sum(dim=(-2, -1))  # ‖Y‖_F² ≥ ‖Y‖₂²
@@ -99,6 +104,7 @@ def orth(Y: torch.Tensor, return_r: bool = False):
         if return_r:
             R = R.clone()
             R[bad] = Rh
+    Q = Q.to(out_dtype)
     return (Q, R) if return_r else Q
 
 
@@ -160,17 +166,17 @@ def rsvd(A: torch.Tensor, rank: int, *, oversample: Optional[int] = None, niter:
         Z = orth(X.mT @ Q)
         Q, R = orth(X @ Z, return_r=True)
         if tol is not None:
-            ritz = small_svd(R)[1][..., :rank]  # singular values of A Z ≈ top singular values of A
+            ritz = torch.linalg.svdvals(R)[..., :rank]  # σ(A Z) ≈ top σ(A); k×k, values only (cheap)
             if prev is not None:
                 scale = ritz[..., :1].clamp_min(torch.finfo(wdt).tiny)
                 if bool(((ritz - prev).abs() / scale).max() < tol):
                     break
             prev = ritz
-    Q2, R2 = orth(X.mT @ Q, return_r=True)  # Bᵀ = Aᵀ Q = Q₂ R₂
-    Ut, S, Vt = small_svd(R2.mT)  # B = R₂ᵀ Q₂ᵀ = Ũ Σ (Q₂ Ṽ)ᵀ
-    U = Q @ Ut[..., :rank]
-    V = Q2 @ Vt[..., :rank]
-    return U, S[..., :rank], V
+    Q2, R2 = orth(X.mT @ Q, return_r=True)  # Bᵀ = Aᵀ Q = Q₂ R₂ (R₂ in float64)
+    Ut, S, Vt = small_svd(R2.mT)  # B = R₂ᵀ Q₂ᵀ = Ũ Σ (Q₂ Ṽ)ᵀ, in float64
+    U = Q @ Ut[..., :rank].to(wdt)
+    V = Q2 @ Vt[..., :rank].to(wdt)
+    return U, S[..., :rank].to(wdt), V
 
 
 def rsvd_ref(A: torch.Tensor, rank: int, *, oversample: Optional[int] = None, niter: Optional[int] = None,
