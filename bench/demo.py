@@ -8,7 +8,8 @@
    Zhu et al. 2024) and in AB mode, with LoRA dropout 0.05.  The loss is printed as it goes.
 2. The adapter (only ``lora_A`` / ``lora_B``) is saved with ``torch.save`` and loaded back with
    ``torch.load(weights_only=True)`` into a freshly wrapped base model; outputs must match exactly.
-3. With a CUDA GPU: ``bench/bench_lora_linear.py`` (the full sweep, or ``--quick``), results under bench/results/.
+3. With a CUDA GPU: ``bench/bench_lora_linear.py`` (the full sweep, or ``--quick``) and ``bench/bench_rsvd.py``
+   (skipped with ``--quick``), results under bench/results/.
 
     python bench/demo.py [--quick] [--steps N]
 """
@@ -139,8 +140,11 @@ def main(argv=None):
     if cuda and not args.no_bench:
         sys.path.insert(0, HERE)
         import bench_lora_linear
+        import bench_rsvd
 
         bench_lora_linear.main(["--quick"] if args.quick else [])
+        if not args.quick:
+            bench_rsvd.main([])
     elif not cuda:
         print("no CUDA GPU: benchmarks skipped (bench/bench_lora_linear.py needs one)")
 
