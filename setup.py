@@ -81,7 +81,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={"test": ["pytest"], "build": ["ninja", "pybind11"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

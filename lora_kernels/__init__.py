@@ -10,6 +10,7 @@ from lora_kernels._backend import logger
 from lora_kernels.modules import FusedLoRALinear
 from lora_kernels.ops import LoRALinearFunction, dropout_mask, lora_linear, lora_linear_ref
 from lora_kernels.ops.rsvd import rsvd, rsvd_ref
+from lora_kernels.init import InitReport, lora_ga_init, lora_one_init, pissa_init
 
 
 def has_extension(device: str = "cpu") -> bool:
@@ -21,5 +22,6 @@ def has_extension(device: str = "cpu") -> bool:
 
 
 __version__ = "0.1.0"
-__all__ = ["FusedLoRALinear", "LoRALinearFunction", "dropout_mask", "has_extension", "lora_linear",
-           "lora_linear_ref", "logger", "rsvd", "rsvd_ref", "__version__"]
+__all__ = ["FusedLoRALinear", "InitReport", "LoRALinearFunction", "dropout_mask", "has_extension", "lora_ga_init",
+           "lora_linear", "lora_linear_ref", "lora_one_init", "logger", "pissa_init", "rsvd", "rsvd_ref",
+           "__version__"]
