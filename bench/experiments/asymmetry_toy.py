@@ -59,6 +59,18 @@ def run(seed: int, anisotropic: bool, r: int = 8, steps: int = 400, lr: float = 
     return {mode: train_arm(mode, X, Y, r, seed, steps, lr) for mode in ("B", "A")}
 
 
+def _write_summary(table: str) -> None:
+    """docs/toys/asymmetry_toy.md: the table with date, versions and command (the plot sits beside it)."""
+    import datetime
+
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "toys")
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    with open(os.path.join(out_dir, "asymmetry_toy.md"), "w") as f:
+        f.write(f"# Asymmetry of LoRA factors\n\n{stamp}, CPU, torch {torch.__version__}, float64; command: "
+                f"`python bench/experiments/asymmetry_toy.py`\n\n{table}\n\n![plot](asymmetry_toy.png)\n")
+
+
 def main():
     seeds = (0, 1, 2)
     results = {aniso: [run(s, aniso) for s in seeds] for aniso in (True, False)}
@@ -71,6 +83,7 @@ def main():
                      f"{min(b):.3f}–{max(b):.3f} | {min(a):.3f}–{max(a):.3f} | {min(ratio):.3f}–{max(ratio):.3f} |")
     table = "\n".join(lines)
     print(table)
+    _write_summary(table)
     try:
         import matplotlib
 

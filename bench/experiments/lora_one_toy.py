@@ -99,6 +99,18 @@ def _train(layer, opt, X, Y, dW, U_true, steps, loss_fn):
     return risks, aligns
 
 
+def _write_summary(table: str) -> None:
+    """docs/toys/lora_one_toy.md: the table with date, versions and command (the plot sits beside it)."""
+    import datetime
+
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "toys")
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    with open(os.path.join(out_dir, "lora_one_toy.md"), "w") as f:
+        f.write(f"# LoRA-One linear toy\n\n{stamp}, CPU, torch {torch.__version__}, float64; command: "
+                f"`python bench/experiments/lora_one_toy.py`\n\n{table}\n\n![plot](lora_one_toy.png)\n")
+
+
 def main():
     seeds = (0, 1, 2)
     results = [run(s) for s in seeds]
@@ -115,6 +127,7 @@ def main():
         lines.append(f"| {label} | {max(r0):.3g} | {max(r20):.3g} | {max(rT):.3g} | {max(a0):.3g} | {max(aT):.3g} |")
     table = "\n".join(lines)
     print(table)
+    _write_summary(table)
     try:
         import matplotlib
 
