@@ -1,17 +1,14 @@
-"""Main job: fine-tune a small model with FusedLoRALinear, save and reload the adapter, then benchmark (GPU).
+"""Main job: the whole path on whatever machine it lands on, then the benchmarks where a GPU exists.
 
-1. A frozen random 3-layer MLP "base model" and a "fine-tuned" teacher that differs from it by a rank-4 change in
-   every linear layer.  Inputs lie near a low-dimensional subspace (anisotropic, as real features do); that is
-   the regime where a frozen random A loses little (with isotropic inputs B-only can only fit the part of ΔW
-   inside A's row space).  Every nn.Linear of a copy of the base is replaced by ``FusedLoRALinear.from_linear`` (the
-   base weights are shared, not copied) and trained to match the teacher in B-only mode (frozen Haar-orthogonal A,
-   Zhu et al. 2024) and in AB mode, with LoRA dropout 0.05.  The loss is printed as it goes.
-2. The adapter (only ``lora_A`` / ``lora_B``) is saved with ``torch.save`` and loaded back with
-   ``torch.load(weights_only=True)`` into a freshly wrapped base model; outputs must match exactly.
-3. With a CUDA GPU: ``bench/bench_lora_linear.py`` (the full sweep, or ``--quick``) and ``bench/bench_rsvd.py``
-   (skipped with ``--quick``), results under bench/results/.
+1. A small LLaMA-architecture transformer built from a config (random weights, nothing downloaded) is pretrained
+   briefly on a synthetic language (an affine walk over 64 tokens), then fine-tuned on a shifted rule.
+2. ``inject_lora`` puts FusedLoRALinear adapters on every linear layer; ``lora_one_init`` initialises them from
+   the one-step gradient; a short training run in B-only mode (frozen A) and in AB mode prints the loss.
+3. ``save_adapter`` writes the adapter in PEFT's format; ``load_adapter`` reads it into a fresh copy of the base;
+   the logits must match exactly (and so must PEFT's own ``PeftModel.from_pretrained`` when peft is installed).
+4. With a CUDA GPU: ``bench/bench_lora_linear.py`` (full sweep, or ``--quick``) and ``bench/bench_rsvd.py``.
 
-    python bench/demo.py [--quick] [--steps N]
+    python bench/demo.py [--quick] [--steps N] [--no-bench]
 """
 
 from __future__ import annotations
@@ -24,119 +21,118 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 
-from lora_kernels import FusedLoRALinear
+from lora_kernels import inject_lora, load_adapter, lora_one_init, save_adapter, trainable_parameters
+from lora_kernels.optim import PreconditionedAdamW
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+V, T = 64, 32
 
 
-def make_base(d: int, hidden: int, device, dtype) -> nn.Sequential:
+def sequences(n, gen, shift=0, device="cpu"):
+    a = torch.randint(1, 8, (n, 1), generator=gen)
+    b = torch.randint(0, V, (n, 1), generator=gen)
+    x0 = torch.randint(0, V, (n, 1), generator=gen)
+    steps = torch.arange(T + 1)
+    seq = (x0 + steps * (a + shift) + b * (steps > 0)) % V
+    return seq.to(device)
+
+
+def build_base(device, dtype, pretrain_steps):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=T + 1)
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                         nn.Linear(hidden, d)).to(device=device, dtype=dtype).requires_grad_(False)
+    model = LlamaForCausalLM(cfg).to(device)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(pretrain_steps):
+        ids = sequences(64, gen, device=device)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"base model: pretrained {pretrain_steps} steps on the synthetic language, loss {loss.item():.3f}")
+    return model.to(dtype).eval()
 
 
-def make_teacher(base: nn.Sequential, rank: int) -> nn.Sequential:
-    teacher = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    for m in teacher:
-        if isinstance(m, nn.Linear):
-            out_f, in_f = m.weight.shape
-            delta = torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g)
-            delta *= 0.5 * m.weight.float().std().item() / delta.std().item()
-            m.weight.add_(delta.to(m.weight))
-    return teacher
-
-
-def wrap(base: nn.Sequential, mode: str, r: int) -> nn.Sequential:
-    model = copy.deepcopy(base)  # its own copy of the base weights; from_linear then shares them
-    for i, m in enumerate(model):
-        if isinstance(m, nn.Linear):
-            model[i] = FusedLoRALinear.from_linear(m, r=r, lora_alpha=2 * r, lora_dropout=0.05, mode=mode,
-                                                   init_A="orthogonal")
-    return model
-
-
-def train(model, teacher, steps: int, d: int, device, dtype, label: str):
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    n_all = sum(p.numel() for p in model.parameters())
-    print(f"[{label}] trainable {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    latent = max(4, d // 8)
-    embed = torch.linalg.qr(torch.randn(d, latent, generator=gen))[0].t() * (d / latent) ** 0.5
-
-    def inputs(n):  # a latent-dim signal plus small isotropic noise
-        z = torch.randn(n, latent, generator=gen) @ embed + 0.05 * torch.randn(n, d, generator=gen)
-        return z.to(device=device, dtype=dtype)
-
-    x_eval = inputs(1024)
-    with torch.no_grad():
-        y_eval = teacher(x_eval)
-    first = None
+def finetune(base, mode, steps, device, batches_for_init):
+    model = inject_lora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16, lora_dropout=0.05, mode=mode,
+                        use_rslora=True, init_A="orthogonal")
+    print(f"[{mode}] {trainable_parameters(model)}")
+    report = lora_one_init(model, batches_for_init, lambda m, ids: m(input_ids=ids, labels=ids).loss,
+                           progress=False)
+    print(f"[{mode}] LoRA-One init from {report.num_batches} batches in "
+          f"{report.seconds_collect + report.seconds_svd:.2f}s; captured gradient energy per layer "
+          f"{min(lr.energy for lr in report.layers):.2f}-{max(lr.energy for lr in report.layers):.2f}")
+    opt = PreconditionedAdamW.from_model(model, lr=2e-3)
+    gen = torch.Generator().manual_seed(5)
+    eval_ids = sequences(128, torch.Generator().manual_seed(6), shift=3, device=device)
     t0 = time.perf_counter()
     for step in range(steps + 1):
-        model.train()
-        x = inputs(512)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = (model(x).float() - y.float()).pow(2).mean()
+        if step % max(1, steps // 4) == 0:
+            model.eval()
+            with torch.no_grad():
+                ev = model(input_ids=eval_ids, labels=eval_ids).loss.item()
+            print(f"[{mode}] step {step:4d}  eval loss {ev:.4f}")
+            model.train()
+        if step == steps:
+            break
+        ids = sequences(32, gen, shift=3, device=device)
+        loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % max(1, steps // 5) == 0:
-            model.eval()
-            with torch.no_grad():
-                ev = (model(x_eval).float() - y_eval.float()).pow(2).mean().item()
-            first = ev if first is None else first
-            print(f"[{label}] step {step:4d}  train {loss.item():.5f}  eval {ev:.5f}")
-    print(f"[{label}] eval loss {first:.5f} -> {ev:.5f} ({ev / first:.3f}x) in {time.perf_counter() - t0:.1f}s")
-    return ev / first
+    print(f"[{mode}] {steps} steps in {time.perf_counter() - t0:.1f}s")
+    return model.eval()
 
 
-def save_and_reload(model, base, mode: str, r: int, device, dtype) -> None:
-    adapter = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "adapter.pt")
-        torch.save(adapter, path)
-        loaded = torch.load(path, weights_only=True)
-    fresh = wrap(base, mode, r)
-    missing, unexpected = fresh.load_state_dict(loaded, strict=False)
-    assert not unexpected and all("lora_" not in k for k in missing), (missing, unexpected)
-    model.eval()
-    fresh.eval()
-    x = torch.randn(64, base[0].in_features, device=device, dtype=dtype)
+def save_reload_check(model, base, mode, device):
+    ids = sequences(8, torch.Generator().manual_seed(9), shift=3, device=device)
     with torch.no_grad():
-        same = torch.equal(model(x), fresh(x))
-    print(f"[{mode}] adapter saved ({len(adapter)} tensors, "
-          f"{sum(v.numel() * v.element_size() for v in adapter.values()) / 1024:.1f} KiB), reloaded: "
-          f"outputs {'identical' if same else 'DIFFERENT'}")
-    if not same:
-        raise SystemExit("reloaded adapter gives different outputs")
+        want = model(input_ids=ids).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, tmp, base_model_name_or_path="synthetic-llama")
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+        fresh = load_adapter(copy.deepcopy(base), tmp).eval()
+        with torch.no_grad():
+            got = fresh(input_ids=ids).logits
+        same = torch.equal(got, want)
+        print(f"[{mode}] adapter saved in PEFT format ({size / 1024:.0f} KiB) and reloaded: logits "
+              f"{'identical' if same else 'DIFFERENT'}")
+        if not same:
+            raise SystemExit("reloaded adapter gives different logits")
+        try:
+            import peft
+        except ImportError:
+            return
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
+        with torch.no_grad():
+            diff = (theirs(input_ids=ids).logits - want).abs().max().item()
+        print(f"[{mode}] the same adapter loaded by PEFT {peft.__version__}: max |Δlogit| {diff:.2e}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="GPU: benchmark only the target configuration")
     ap.add_argument("--no-bench", action="store_true")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     path = "Triton kernels" if cuda or os.environ.get("TRITON_INTERPRET") == "1" else "pure-PyTorch path (no GPU)"
-    print(f"device {device}, dtype {dtype}, LoRA layer runs on: {path}")
-    d, hidden, r = (1024, 4096, 8) if cuda else (64, 256, 8)
-    base = make_base(d, hidden, device, dtype)
-    teacher = make_teacher(base, rank=4)
+    print(f"device {device}, dtype {dtype}; the LoRA layers run on: {path}")
+    base = build_base(device, dtype, args.pretrain_steps)
+    init_batches = [sequences(32, torch.Generator().manual_seed(100 + i), shift=3, device=device) for i in range(4)]
+    with torch.no_grad():
+        ids = init_batches[0]
+        print(f"fine-tuning task loss of the base model: {base(input_ids=ids, labels=ids).loss.item():.4f}")
     for mode in ("B", "AB"):
-        torch.manual_seed(3)
-        model = wrap(base, mode, r)
-        ratio = train(model, teacher, args.steps, d, device, dtype, mode)
-        if ratio > 0.5:
-            raise SystemExit(f"[{mode}] training did not reduce the eval loss enough ({ratio:.3f}x)")
-        save_and_reload(model, base, mode, r, device, dtype)
+        model = finetune(base, mode, args.steps, device, init_batches)
+        save_reload_check(model, base, mode, device)
     if cuda and not args.no_bench:
         sys.path.insert(0, HERE)
         import bench_lora_linear
@@ -146,7 +142,7 @@ def main(argv=None):
         if not args.quick:
             bench_rsvd.main([])
     elif not cuda:
-        print("no CUDA GPU: benchmarks skipped (bench/bench_lora_linear.py needs one)")
+        print("no CUDA GPU: benchmarks skipped (bench/bench_lora_linear.py and bench/bench_rsvd.py need one)")
 
 
 if __name__ == "__main__":

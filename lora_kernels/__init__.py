@@ -11,6 +11,8 @@ from lora_kernels.modules import FusedLoRALinear
 from lora_kernels.ops import LoRALinearFunction, dropout_mask, lora_linear, lora_linear_ref
 from lora_kernels.ops.rsvd import rsvd, rsvd_ref
 from lora_kernels.init import InitReport, lora_ga_init, lora_one_init, pissa_init
+from lora_kernels.model import (inject_lora, load_adapter, merge_lora, save_adapter, trainable_parameters, unload_lora,
+                                unmerge_lora)
 
 
 def has_extension(device: str = "cpu") -> bool:
@@ -22,6 +24,7 @@ def has_extension(device: str = "cpu") -> bool:
 
 
 __version__ = "0.1.0"
-__all__ = ["FusedLoRALinear", "InitReport", "LoRALinearFunction", "dropout_mask", "has_extension", "lora_ga_init",
-           "lora_linear", "lora_linear_ref", "lora_one_init", "logger", "pissa_init", "rsvd", "rsvd_ref",
+__all__ = ["FusedLoRALinear", "InitReport", "LoRALinearFunction", "dropout_mask", "has_extension", "inject_lora",
+           "load_adapter", "lora_ga_init", "lora_linear", "lora_linear_ref", "lora_one_init", "logger", "merge_lora",
+           "pissa_init", "rsvd", "rsvd_ref", "save_adapter", "trainable_parameters", "unload_lora", "unmerge_lora",
            "__version__"]

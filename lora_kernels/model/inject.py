@@ -1,0 +1,167 @@
+"""Model surgery: put FusedLoRALinear adapters into any model, count, merge, unmerge and remove them.
+
+Matching follows PEFT so that configs carry over:
+  * ``target_modules`` as a list: a module matches if its full name equals an entry or ends with "." + entry;
+  * as a string: a regular expression that must match the full module name (``re.fullmatch``);
+  * ``"all-linear"``: every nn.Linear except the output head (``model.get_output_embeddings()`` when the model
+    has it, else modules named ``lm_head``), as PEFT does.
+  * ``rank_pattern`` / ``alpha_pattern``: {pattern: value}; a module takes the value of the first pattern p with
+    ``re.fullmatch(rf"(.*\\.)?(?:{p})", name)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from lora_kernels.modules import FusedLoRALinear
+
+Targets = Union[str, Sequence[str]]
+CONFIG_ATTR = "_lora_kernels_config"
+
+
+def _matches(name: str, targets: Targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _pattern_value(name: str, pattern: Optional[Dict[str, float]], default):
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def _output_head_names(model: nn.Module) -> set:
+    head = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+    names = {n for n, m in model.named_modules() if head is not None and m is head}
+    names |= {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
+    return names
+
+
+def inject_lora(model: nn.Module, target_modules: Targets = "all-linear", *, r: int = 8, lora_alpha: float = 8,
+                lora_dropout: float = 0.0, mode: str = "AB", use_rslora: bool = False, init_A: str = "kaiming",
+                rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
+                exclude_modules: Optional[Targets] = None, modules_to_save: Optional[Iterable[str]] = None) -> nn.Module:
+    """Replace matching nn.Linear modules of ``model`` in place by FusedLoRALinear (sharing their weights), freeze
+    every other parameter except those of ``modules_to_save``, and return ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not (isinstance(target_modules, str) or (isinstance(target_modules, (list, tuple, set))
+                                                and all(isinstance(t, str) for t in target_modules))):
+        raise TypeError("target_modules must be 'all-linear', a regex string or a list of module names/suffixes")
+    if isinstance(target_modules, (list, tuple, set)) and not target_modules:
+        raise ValueError("target_modules is empty")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        chosen = [(n, m) for n, m in linears if n not in heads]
+    else:
+        chosen = [(n, m) for n, m in linears if _matches(n, target_modules)]
+    if exclude_modules:
+        chosen = [(n, m) for n, m in chosen if not _matches(n, exclude_modules)]
+    if not chosen:
+        sample = ", ".join(n for n, _ in linears[:8]) or "(the model has no nn.Linear)"
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module; some available: {sample}")
+    save_names = list(modules_to_save or [])
+    all_names = dict(model.named_modules())
+    for s in save_names:
+        if not any(n == s or n.endswith("." + s) for n in all_names):
+            raise ValueError(f"modules_to_save entry {s!r} matches no module of the model")
+
+    # Build every replacement first (they validate their configs), then swap: a failure leaves the model as it was.
+    replacements = []
+    for name, lin in chosen:
+        rr = int(_pattern_value(name, rank_pattern, r))
+        alpha = _pattern_value(name, alpha_pattern, lora_alpha)
+        replacements.append((name, FusedLoRALinear.from_linear(lin, r=rr, lora_alpha=alpha, lora_dropout=lora_dropout,
+                                                                mode=mode, use_rslora=use_rslora, init_A=init_A)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        new.lora_A.requires_grad_(mode in ("AB", "A"))  # the freeze above also froze the new adapters
+        new.lora_B.requires_grad_(mode in ("AB", "B"))
+    for n, m in model.named_modules():
+        if any(n == s or n.endswith("." + s) for s in save_names):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    setattr(model, CONFIG_ATTR, dict(
+        target_modules=[n for n, _ in replacements], r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        mode=mode, use_rslora=use_rslora, rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
+        modules_to_save=save_names))
+    return model
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(1, self.total)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableSummary:
+    """Count of trainable and all parameters (shared parameters counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return TrainableSummary(trainable, total)
+
+
+def lora_layers(model: nn.Module) -> List[FusedLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, FusedLoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (``FusedLoRALinear.merge``)."""
+    for m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Give back plain nn.Linear modules (sharing the base weights), merged with their adapters if ``merge``."""
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, FusedLoRALinear):
+            continue
+        if merge:
+            m.merge()
+        else:
+            m.unmerge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = m.weight
+        lin.bias = m.bias
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, lin)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
