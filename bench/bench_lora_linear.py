@@ -47,12 +47,14 @@ TRAINS = {"fwdbwd-AB": (True, True), "fwdbwd-B": (False, True), "fwdbwd-A": (Tru
 
 
 def _peft_linear(base: nn.Linear, r: int, alpha: float, p: float):
+    """PEFT's LoRA layer around ``base``, built through the public API (constructor signatures change)."""
     try:
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft import LoraConfig, get_peft_model
     except Exception:
         return None
-    layer = PeftLoraLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=p)
-    return layer
+    wrapper = get_peft_model(nn.Sequential(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p,
+                                                             target_modules=["0"]))
+    return wrapper.base_model.model[0]
 
 
 class _TorchLoRA(nn.Module):

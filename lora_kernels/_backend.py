@@ -46,12 +46,3 @@ def use_triton(t: torch.Tensor) -> bool:
         _say_once("lora_kernels: triton is not importable; CUDA tensors use the slower pure-PyTorch path.")
         return False
     return HAS_TRITON and t.device.type == "cpu" and interpreter_enabled()
-
-
-def draw_seed() -> int:
-    """A 62-bit dropout seed drawn from torch's default CPU generator.
-
-    ``torch.manual_seed`` therefore reproduces runs, and ``torch.utils.checkpoint`` (which stashes and restores
-    the CPU RNG state) sees the same seed on recompute.  Drawing on the CPU costs no device synchronisation.
-    """
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())

@@ -254,7 +254,9 @@ def test_saved_tensors(backend, mode, p):
     x, w, b, a, bb = make_case(n, d_in, d_out, r, torch.float32, mode)
     saved, y = saved_by(lambda: lora_linear(x, w, b, a, bb, 1.0, p))
     params = {w.data_ptr(), a.data_ptr(), bb.data_ptr()}
-    activations = [t for t in saved if t.data_ptr() not in params]
+    seeds = [t for t in saved if t.dim() == 0 and t.dtype == torch.int64]
+    assert len(seeds) == 1 and seeds[0].device.type == "cpu", "the dropout seed is saved as one CPU int64 scalar"
+    activations = [t for t in saved if t.data_ptr() not in params and t.dim() > 0]
     shapes = sorted(tuple(t.shape) for t in activations)
     if mode == "B":
         # t only: never x nor anything N×in, with or without dropout.

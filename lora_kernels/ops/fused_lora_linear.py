@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lora_kernels._backend import HAS_TRITON, draw_seed, interpreter_enabled, use_triton
+from lora_kernels._backend import HAS_TRITON, interpreter_enabled, use_triton
 
 if HAS_TRITON:
     import triton
@@ -599,7 +599,7 @@ def lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale: float, dropout_p: float
             dx = _gemm(g2d, weight, False, None, gb,
                        lora_A, (lora_A.stride(0), lora_A.stride(1)), n_in, seed, dropout_p, True)
         if need_dA:
-            d_a = _wgrad(x2d, gb, seed, dropout_p).t().to(lora_A.dtype)
+            d_a = _wgrad(x2d, gb, seed, dropout_p).t().to(lora_A.dtype).contiguous()  # r×in, contiguous
         if need_dB:
             d_b = _wgrad(g2d, t, 0, 0.0).to(lora_B.dtype)
         return dx, d_a, d_b
@@ -615,6 +615,72 @@ def lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale: float, dropout_p: float
     if need_dB:
         d_b = g2d.t() @ t
     return dx, d_a, d_b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library custom ops (what torch.compile sees) and the eager/compiled switch
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lora_kernels::lora_fwd", mutates_args=())
+def _lora_fwd_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y2d, t') of the fused forward; ``seed`` is a CPU int64 scalar tensor (no .item() on a traced path)."""
+    return lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, int(seed))
+
+
+@_lora_fwd_op.register_fake
+def _(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    n = x2d.shape[0]
+    return x2d.new_empty((n, weight.shape[0])), x2d.new_empty((n, lora_A.shape[0]))
+
+
+@torch.library.custom_op("lora_kernels::lora_bwd", mutates_args=())
+def _lora_bwd_op(g2d: torch.Tensor, x2d: Optional[torch.Tensor], t: Optional[torch.Tensor], weight: torch.Tensor,
+                 lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor,
+                 need_dx: bool, need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx2d, dA, dB); an output not asked for is an empty tensor (custom ops cannot return None)."""
+    dx, d_a, d_b = lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, int(seed), need_dx, need_dA,
+                            need_dB, weight.shape[1])
+    return (dx if dx is not None else g2d.new_empty(0), d_a if d_a is not None else lora_A.new_empty(0),
+            d_b if d_b is not None else lora_B.new_empty(0))
+
+
+@_lora_bwd_op.register_fake
+def _(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need_dA, need_dB):
+    n, n_in = g2d.shape[0], weight.shape[1]
+    return (g2d.new_empty((n, n_in) if need_dx else (0,)), lora_A.new_empty(lora_A.shape if need_dA else (0,)),
+            lora_B.new_empty(lora_B.shape if need_dB else (0,)))
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed_t):
+    # Eager calls skip the dispatcher (tens of µs per op); torch.compile traces the custom op and its fake.
+    if _compiling():
+        return torch.ops.lora_kernels.lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed_t)
+    return lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, int(seed_t))
+
+
+def _bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed_t, need_dx, need_da, need_db):
+    if _compiling():
+        dx, d_a, d_b = torch.ops.lora_kernels.lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p,
+                                                      seed_t, need_dx, need_da, need_db)
+        return (dx if need_dx else None, d_a if need_da else None, d_b if need_db else None)
+    return lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, int(seed_t), need_dx, need_da, need_db,
+                    weight.shape[1])
+
+
+def _seed_tensor(seed) -> torch.Tensor:
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's CPU generator; traceable, no .item()
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device="cpu", dtype=torch.int64).reshape(())
+    if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**63):
+        raise ValueError(f"seed must be a non-negative int below 2**63, got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -635,7 +701,7 @@ class LoRALinearFunction(torch.autograd.Function):
     shares the base GEMM's accumulator and dB = gᵀ t', dA = gB'ᵀ (m ⊙ x), dX = g W + m ⊙ (gB' A) need no
     further scaling.
 
-    Saved for backward: B-only (A frozen) keeps t' and the seed, never x; AB and A-only keep x itself (same
+    Saved for backward: B-only (A frozen) keeps t' and the seed (a CPU int64 scalar), never x; AB and A-only keep x itself (same
     storage, no copy) and the seed, plus t when B needs a gradient.  W, A, B are parameters, saved by
     reference.  The dropout mask is never stored: every kernel regenerates it from the seed.
     """
@@ -644,22 +710,22 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
         n_in = x.shape[-1]
         x2d = x.reshape(-1, n_in)
-        y2d, t = lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        y2d, t = _fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
         keep_x = need_da or need_dw
-        ctx.save_for_backward(x if keep_x else None, t if need_dbb else None, weight, lora_A, lora_B)
-        ctx.scale, ctx.dropout_p, ctx.seed, ctx.n_in = scale, dropout_p, seed, n_in
+        ctx.save_for_backward(x if keep_x else None, t if need_dbb else None, weight, lora_A, lora_B, seed)
+        ctx.scale, ctx.dropout_p, ctx.n_in = scale, dropout_p, n_in
         ctx.x_shape = x.shape
         return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, t, weight, lora_A, lora_B = ctx.saved_tensors
+        x, t, weight, lora_A, lora_B, seed = ctx.saved_tensors
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
         g2d = grad_y.reshape(-1, weight.shape[0])
         x2d = x.reshape(-1, ctx.n_in) if x is not None else None
-        dx, d_a, d_b = lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, ctx.seed,
-                                need_dx, need_da, need_dbb, ctx.n_in)
+        dx, d_a, d_b = _bwd(g2d, x2d, t, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, seed,
+                            need_dx, need_da, need_dbb)
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         d_w = (g2d.t() @ x2d).to(weight.dtype) if need_dw else None
@@ -712,8 +778,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
     """y = x Wᵀ + b + scale · (dropout(x) lora_Aᵀ) lora_Bᵀ, differentiable in x, lora_A, lora_B (and W, b if
     they require grad).  Dropout (inverted, as nn.Dropout) acts on the LoRA branch only.
 
-    ``seed`` fixes the dropout mask; by default it is drawn from torch's CPU generator, so ``torch.manual_seed``
-    reproduces runs.  Triton kernels serve CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``); any
+    ``seed`` (int or CPU int64 scalar tensor) fixes the dropout mask; by default it is drawn from torch's CPU
+    generator, so ``torch.manual_seed`` reproduces runs and activation checkpointing regenerates the same mask.
+    Under ``torch.compile`` the kernels are the custom ops ``torch.ops.lora_kernels.lora_fwd`` / ``lora_bwd``.  Triton kernels serve CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``); any
     other case runs the pure-PyTorch path with the same semantics.
     """
     _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p)
@@ -724,15 +791,14 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_A, lora_B = (v.to(dt) for v in (x, weight, lora_A, lora_B))
         bias = bias.to(dt) if bias is not None else None
-    if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
+    seed = _seed_tensor(seed if (seed is not None or dropout_p > 0.0) else 0)
     needs_grad = torch.is_grad_enabled() and any(
         ten is not None and ten.requires_grad for ten in (x, weight, bias, lora_A, lora_B))
     if needs_grad:
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     # Inference: no autograd node, no saved state.
     n_in = x.shape[-1]
-    y2d, _ = lora_fwd(x.reshape(-1, n_in), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    y2d, _ = _fwd(x.reshape(-1, n_in), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 
