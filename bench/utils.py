@@ -79,10 +79,11 @@ def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     env = environment()
-    fields = list(env) + [k for k in rows[0] if k not in env]
+    keys = dict.fromkeys(k for r in rows for k in r)  # union, first-seen order (rows may add columns)
+    fields = list(env) + [k for k in keys if k not in env]
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         for r in rows:

@@ -70,3 +70,13 @@ def test_bench_rsvd_smoke(tmp_path):
     assert all(isinstance(r["sin_theta"], float) for r in ours)
     assert max(r["sin_theta"] for r in ours) < 1e-3
     assert (tmp_path / "rsvd_smoke.csv").exists()
+
+
+def test_bench_e2e_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    rows = _load("bench_e2e").main(["--smoke", "--out", str(tmp_path)])
+    assert len(rows) == 16  # 2 providers × 2 modes × 2 dropouts × with/without checkpointing
+    ours = [r for r in rows if r["provider"] == "lora_kernels"]
+    assert all(r["speedup_vs_peft"] > 0 and r["loss"] == r["loss"] for r in ours)
+    assert (tmp_path / "e2e_smoke.csv").exists()
