@@ -6,7 +6,8 @@
    the one-step gradient; a short training run in B-only mode (frozen A) and in AB mode prints the loss.
 3. ``save_adapter`` writes the adapter in PEFT's format; ``load_adapter`` reads it into a fresh copy of the base;
    the logits must match exactly (and so must PEFT's own ``PeftModel.from_pretrained`` when peft is installed).
-4. With a CUDA GPU: ``bench/bench_lora_linear.py`` (full sweep, or ``--quick``) and ``bench/bench_rsvd.py``.
+4. With a CUDA GPU: ``bench/bench_lora_linear.py`` (full sweep, or ``--quick``), then ``bench/bench_rsvd.py`` and
+   ``bench/bench_e2e.py`` (skipped with ``--quick``).
 
     python bench/demo.py [--quick] [--steps N] [--no-bench]
 """
@@ -135,12 +136,14 @@ def main(argv=None):
         save_reload_check(model, base, mode, device)
     if cuda and not args.no_bench:
         sys.path.insert(0, HERE)
+        import bench_e2e
         import bench_lora_linear
         import bench_rsvd
 
         bench_lora_linear.main(["--quick"] if args.quick else [])
         if not args.quick:
             bench_rsvd.main([])
+            bench_e2e.main([])
     elif not cuda:
         print("no CUDA GPU: benchmarks skipped (bench/bench_lora_linear.py and bench/bench_rsvd.py need one)")
 
