@@ -20,6 +20,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import pyplot, save_figure, write_summary  # noqa: E402
+
 from lora_kernels import FusedLoRALinear
 
 
@@ -59,16 +62,7 @@ def run(seed: int, anisotropic: bool, r: int = 8, steps: int = 400, lr: float = 
     return {mode: train_arm(mode, X, Y, r, seed, steps, lr) for mode in ("B", "A")}
 
 
-def _write_summary(table: str) -> None:
-    """docs/toys/asymmetry_toy.md: the table with date, versions and command (the plot sits beside it)."""
-    import datetime
-
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "toys")
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    with open(os.path.join(out_dir, "asymmetry_toy.md"), "w") as f:
-        f.write(f"# Asymmetry of LoRA factors\n\n{stamp}, CPU, torch {torch.__version__}, float64; command: "
-                f"`python bench/experiments/asymmetry_toy.py`\n\n{table}\n\n![plot](asymmetry_toy.png)\n")
+TITLE = "Asymmetry of LoRA factors"
 
 
 def main():
@@ -83,15 +77,9 @@ def main():
                      f"{min(b):.3f}–{max(b):.3f} | {min(a):.3f}–{max(a):.3f} | {min(ratio):.3f}–{max(ratio):.3f} |")
     table = "\n".join(lines)
     print(table)
-    _write_summary(table)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "toys")
-        os.makedirs(out_dir, exist_ok=True)
+    write_summary("asymmetry_toy", TITLE, table)
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         for ax, aniso in zip(axes, (True, False)):
             for i, res in enumerate(results[aniso]):
@@ -101,11 +89,7 @@ def main():
                    ylabel="loss / loss at init")
             ax.legend()
         fig.suptitle("Asymmetry of LoRA factors (d=64, r=8, full-rank ΔW; 3 seeds)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "asymmetry_toy.png"), dpi=110)
-        print("wrote docs/toys/asymmetry_toy.png")
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+        save_figure(fig, "asymmetry_toy")
     return table
 
 

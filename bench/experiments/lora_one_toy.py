@@ -21,6 +21,9 @@ import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import pyplot, save_figure, write_summary  # noqa: E402
 import torch.nn as nn
 
 from lora_kernels import FusedLoRALinear, lora_one_init
@@ -99,23 +102,12 @@ def _train(layer, opt, X, Y, dW, U_true, steps, loss_fn):
     return risks, aligns
 
 
-def _write_summary(table: str) -> None:
-    """docs/toys/lora_one_toy.md: the table with date, versions and command (the plot sits beside it)."""
-    import datetime
-
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "toys")
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    with open(os.path.join(out_dir, "lora_one_toy.md"), "w") as f:
-        f.write(f"# LoRA-One linear toy\n\n{stamp}, CPU, torch {torch.__version__}, float64; command: "
-                f"`python bench/experiments/lora_one_toy.py`\n\n{table}\n\n![plot](lora_one_toy.png)\n")
+TITLE = "LoRA-One linear toy"
 
 
 def main():
     seeds = (0, 1, 2)
     results = [run(s) for s in seeds]
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "toys")
-    os.makedirs(out_dir, exist_ok=True)
     lines = ["| method (worst of 3 seeds) | risk at step 0 | step 20 | step 200 | alignment sinΘ at step 1 | step 20 |",
              "|---|---|---|---|---|---|"]
     for key, label in (("random", "random init + GD"), ("lora_one", "LoRA-One init + preconditioned GD")):
@@ -127,13 +119,9 @@ def main():
         lines.append(f"| {label} | {max(r0):.3g} | {max(r20):.3g} | {max(rT):.3g} | {max(a0):.3g} | {max(aT):.3g} |")
     table = "\n".join(lines)
     print(table)
-    _write_summary(table)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    write_summary("lora_one_toy", TITLE, table)
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for res, s in zip(results, seeds):
             for key, color in (("random", "tab:red"), ("lora_one", "tab:blue")):
@@ -144,11 +132,7 @@ def main():
         for ax in axes:
             ax.legend()
         fig.suptitle("LoRA-One linear toy (d=k=100, N=1600, rank ΔW=4, r=8; 3 seeds)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "lora_one_toy.png"), dpi=110)
-        print("wrote docs/toys/lora_one_toy.png")
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+        save_figure(fig, "lora_one_toy")
     return table
 
 

@@ -153,6 +153,44 @@ def _gradient_factors(collected: Collected, layers: Dict[str, FusedLoRALinear], 
     return fac, secs, energy
 
 
+@dataclass
+class _GradientSVD:
+    layers: Dict[str, FusedLoRALinear]
+    ranks: Dict[str, int]
+    clamped: Dict[str, bool]
+    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    seconds: Dict[str, float]
+    energy: Dict[str, float]
+    num_batches: int
+    seconds_collect: float
+    t_svd_start: float
+
+
+def _gradient_svd(model, batches, loss_fn, *, svd_rank: Callable[[FusedLoRALinear, int], int], sketch_k: int,
+                  negate: bool, num_batches, method, generator, progress, accumulate_on, oversample, niter,
+                  sketch_size) -> _GradientSVD:
+    """The shared engine of the gradient inits: clamp ranks, collect G, top-``svd_rank`` SVD of ∓G per layer."""
+    layers = dict(adapted_layers(model))
+    ranks, clamped = {}, {}
+    for n, m in layers.items():
+        r, clamped[n] = _rank_for(m, m.r, n)
+        ranks[n] = svd_rank(m, r)
+    seed = shared_seed(generator)
+    t0 = time.perf_counter()
+    collected = collect_gradients(model, batches, loss_fn, num_batches=num_batches, method=method,
+                                  sketch_rank={n: sketch_size or sketch_k * ranks[n] + 1 for n in layers},
+                                  accumulate_on=accumulate_on, seed=seed, progress=progress)
+    t1 = time.perf_counter()
+    fac, secs, energy = _gradient_factors(collected, layers, ranks, seed, negate,
+                                          rsvd_kwargs=dict(oversample=oversample, niter=niter))
+    return _GradientSVD(layers, ranks, clamped, fac, secs, energy, collected.num_batches, t1 - t0, t1)
+
+
+def _check_gamma(gamma) -> None:
+    if not (isinstance(gamma, (int, float)) and gamma > 0):
+        raise ValueError(f"gamma must be positive, got {gamma!r}")
+
+
 def lora_one_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = None, *, gamma: float = 128.0,
                   step_size: Optional[float] = None, num_batches: Optional[int] = None, method: str = "exact",
                   generator: Optional[torch.Generator] = None, progress: bool = True,
@@ -166,25 +204,15 @@ def lora_one_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
     oversample / niter: passed to ``rsvd`` (method="exact") to trade time for accuracy.
     sketch_size: k of the sketches (method="sketch"; default 4r+1, see docs/inits.md for the measured trade-off).
     """
-    if not (isinstance(gamma, (int, float)) and gamma > 0):
-        raise ValueError(f"gamma must be positive, got {gamma!r}")
+    _check_gamma(gamma)
     if step_size is not None and not (isinstance(step_size, (int, float)) and step_size > 0):
         raise ValueError(f"step_size must be a positive float or None, got {step_size!r}")
-    layers = dict(adapted_layers(model))
-    ranks, clamped = {}, {}
-    for n, m in layers.items():
-        ranks[n], clamped[n] = _rank_for(m, m.r, n)
-    seed = shared_seed(generator)
-    t0 = time.perf_counter()
-    collected = collect_gradients(model, batches, loss_fn, num_batches=num_batches, method=method,
-                                  sketch_rank={n: sketch_size or 4 * ranks[n] + 1 for n in layers},
-                                  accumulate_on=accumulate_on, seed=seed, progress=progress)
-    t1 = time.perf_counter()
-    fac, secs, energy = _gradient_factors(collected, layers, ranks, seed, negate=True,
-                                          rsvd_kwargs=dict(oversample=oversample, niter=niter))
+    g = _gradient_svd(model, batches, loss_fn, svd_rank=lambda m, r: r, sketch_k=4, negate=True,
+                      num_batches=num_batches, method=method, generator=generator, progress=progress,
+                      accumulate_on=accumulate_on, oversample=oversample, niter=niter, sketch_size=sketch_size)
     new_A, new_B, reports = {}, {}, []
-    for n, m in layers.items():
-        U, S, V = fac[n]
+    for n, m in g.layers.items():
+        U, S, V = g.factors[n]
         s1 = float(S[0])
         if not s1 > 0:
             raise ValueError(f"the gradient of layer {n!r} is zero (is the layer used by the loss?)")
@@ -192,9 +220,11 @@ def lora_one_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
         c = math.sqrt(step_size / m.scaling) if step_size is not None else 1.0 / math.sqrt(s1 * gamma)
         new_B[n] = _pad(U * root * c, m.r, 1)
         new_A[n] = _pad((V * root * c).mT, m.r, 0)
-        reports.append(LayerReport(n, tuple(m.weight.shape), ranks[n], secs[n], energy[n], S.tolist(), clamped[n]))
-    _commit(layers, new_A, new_B)
-    return InitReport("LoRA-One", method, collected.num_batches, t1 - t0, time.perf_counter() - t1, reports)
+        reports.append(LayerReport(n, tuple(m.weight.shape), g.ranks[n], g.seconds[n], g.energy[n], S.tolist(),
+                                   g.clamped[n]))
+    _commit(g.layers, new_A, new_B)
+    return InitReport("LoRA-One", method, g.num_batches, g.seconds_collect, time.perf_counter() - g.t_svd_start,
+                      reports)
 
 
 def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = None, *, gamma: float = 16.0,
@@ -202,24 +232,14 @@ def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable
                  progress: bool = True, accumulate_on: Optional[str] = None, oversample: Optional[int] = None,
                  niter: Optional[int] = None, sketch_size: Optional[int] = None) -> InitReport:
     """LoRA-GA: A₀ = V[:, :r]ᵀ, B₀ = U[:, r:2r] of the SVD of +G, both × out^{1/4}/√γ; W₀ ← W₀ − s·B₀A₀."""
-    if not (isinstance(gamma, (int, float)) and gamma > 0):
-        raise ValueError(f"gamma must be positive, got {gamma!r}")
-    layers = dict(adapted_layers(model))
-    ranks, clamped = {}, {}
-    for n, m in layers.items():
-        half, clamped[n] = _rank_for(m, m.r, n)
-        ranks[n] = min(2 * half, m.in_features, m.out_features)
-    seed = shared_seed(generator)
-    t0 = time.perf_counter()
-    collected = collect_gradients(model, batches, loss_fn, num_batches=num_batches, method=method,
-                                  sketch_rank={n: sketch_size or 2 * ranks[n] + 1 for n in layers},
-                                  accumulate_on=accumulate_on, seed=seed, progress=progress)
-    t1 = time.perf_counter()
-    fac, secs, energy = _gradient_factors(collected, layers, ranks, seed, negate=False,
-                                          rsvd_kwargs=dict(oversample=oversample, niter=niter))
+    _check_gamma(gamma)
+    g = _gradient_svd(model, batches, loss_fn, svd_rank=lambda m, r: min(2 * r, m.in_features, m.out_features),
+                      sketch_k=2, negate=False, num_batches=num_batches, method=method, generator=generator,
+                      progress=progress, accumulate_on=accumulate_on, oversample=oversample, niter=niter,
+                      sketch_size=sketch_size)
     new_A, new_B, new_W, reports = {}, {}, {}, []
-    for n, m in layers.items():
-        U, S, V = fac[n]
+    for n, m in g.layers.items():
+        U, S, V = g.factors[n]
         r = m.r
         c = m.out_features ** 0.25 / math.sqrt(gamma)
         a = V[:, :r].mT * c
@@ -228,15 +248,18 @@ def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable
         new_A[n], new_B[n] = A0, B0
         mdt = math_dtype(m.weight)
         new_W[n] = m.weight.detach().to(mdt) - m.scaling * (B0.to(mdt) @ A0.to(mdt))
-        reports.append(LayerReport(n, tuple(m.weight.shape), min(r, ranks[n]), secs[n], energy[n], S.tolist(),
-                                   clamped[n] or 2 * r > ranks[n]))
-    _commit(layers, new_A, new_B, new_W)
-    return InitReport("LoRA-GA", method, collected.num_batches, t1 - t0, time.perf_counter() - t1, reports)
+        reports.append(LayerReport(n, tuple(m.weight.shape), min(r, g.ranks[n]), g.seconds[n], g.energy[n], S.tolist(),
+                                   g.clamped[n] or 2 * r > g.ranks[n]))
+    _commit(g.layers, new_A, new_B, new_W)
+    return InitReport("LoRA-GA", method, g.num_batches, g.seconds_collect, time.perf_counter() - g.t_svd_start,
+                      reports)
 
 
 def pissa_init(model: nn.Module, *, generator: Optional[torch.Generator] = None, oversample: Optional[int] = None,
                niter: Optional[int] = None) -> InitReport:
-    """PiSSA: adapters from the top-r SVD of each frozen weight, which keeps only the residual W − [W]_r."""
+    """PiSSA: adapters from the top-r SVD of each frozen weight, which keeps only the residual W − [W]_r.
+
+    oversample / niter: passed to ``rsvd`` (random linear weights have flat spectra: raise them for accuracy)."""
     layers = dict(adapted_layers(model))
     ranks, clamped = {}, {}
     for n, m in layers.items():
