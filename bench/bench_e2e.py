@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import List
 
 import torch
@@ -67,7 +68,9 @@ def run_config(base, provider, mode, p, ckpt, r, batch, seq, steps, device) -> d
     model = adapt(base, provider, mode, p, r)
     model.train()
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # renamed in transformers 5.x; the old name works on every version we run
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if provider == "peft":
             model.enable_input_require_grads()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
@@ -107,7 +110,7 @@ def run_config(base, provider, mode, p, ckpt, r, batch, seq, steps, device) -> d
     if cuda:
         torch.cuda.empty_cache()
     return dict(provider=provider, mode=mode, dropout=p, ckpt=ckpt, ms=ms, tokens_per_s=batch * seq / ms * 1e3,
-                peak_gib=peak, loss=float(loss))
+                peak_gib=peak, loss=float(loss.detach()))
 
 
 def main(argv=None) -> List[dict]:
