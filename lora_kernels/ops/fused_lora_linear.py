@@ -406,7 +406,7 @@ def dropout_mask(seed: int, shape: Tuple[int, int], p: float, device) -> torch.T
     """
     n, k = shape
     probe = torch.empty(0, device=device, dtype=torch.float32)
-    if not use_triton(probe):
+    if not use_triton(probe):  # (callers with r > MAX_KERNEL_RANK use the PyTorch mask: pass device="cpu" there)
         return _torch_keep_mask(seed, n, k, p, torch.device(device))
     out = torch.empty((n, k), device=device, dtype=torch.uint8)
     if n and k:
@@ -576,9 +576,16 @@ def _torch_masked(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
 # Forward / backward entry points (backend dispatch)
 # ----------------------------------------------------------------------------------------------------------
 
+MAX_KERNEL_RANK = 256  # the shrink kernel holds all of r in one tile; larger ranks take the PyTorch path
+
+
+def _kernels_for(x: torch.Tensor, r: int) -> bool:
+    return r <= MAX_KERNEL_RANK and use_triton(x)
+
+
 def lora_fwd(x2d, weight, bias, lora_A, lora_B, scale: float, dropout_p: float, seed: int):
     """Returns (y2d [N, out], t [N, r]) with t = s · dropout(x) Aᵀ (scale folded in).  x2d: [N, in], any strides."""
-    if use_triton(x2d):
+    if _kernels_for(x2d, lora_A.shape[0]):
         t = _shrink(x2d, lora_A, seed, dropout_p, scale / (1.0 - dropout_p))
         y = _gemm(x2d, weight, True, bias, t,
                   lora_B, (lora_B.stride(1), lora_B.stride(0)), weight.shape[0], seed, 0.0, False)
@@ -593,7 +600,7 @@ def lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale: float, dropout_p: float
     """Returns (dx2d, dA, dB); entries not asked for are None.  x2d is needed only for dA, t only for dB."""
     dx = d_a = d_b = None
     gscale = scale / (1.0 - dropout_p)  # gB' = s/(1-p) · g B serves both dX and dA
-    if use_triton(g2d):
+    if _kernels_for(g2d, lora_A.shape[0]):
         gb = _shrink(g2d, lora_B.t(), 0, 0.0, gscale) if (need_dx or need_dA) else None
         if need_dx:
             dx = _gemm(g2d, weight, False, None, gb,
