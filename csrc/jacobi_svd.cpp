@@ -27,7 +27,7 @@ void jacobi_one(std::vector<double>& w, std::vector<double>& v, int64_t k, int64
           beta += wq[i] * wq[i];
           gamma += wp[i] * wq[i];
         }
-        if (gamma == 0.0 || std::abs(gamma) <= tol * std::sqrt(alpha * beta)) continue;
+        if (gamma == 0.0 || std::abs(gamma) <= tol * std::sqrt(alpha) * std::sqrt(beta)) continue;
         rotated = true;
         const double zeta = (beta - alpha) / (2.0 * gamma);
         const double t = (zeta >= 0 ? 1.0 : -1.0) / (std::abs(zeta) + std::sqrt(1.0 + zeta * zeta));

@@ -290,3 +290,45 @@ def test_no_warning_at_normal_ranks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lora_one_init(mlp(), data(), mse, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Regressions from the review of the init code
+# ------------------------------------------------------------------------------------------------------------
+
+def test_shared_weight_layers_each_get_the_full_gradient():
+    from lora_kernels.init.collect import collect_gradients
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 12, bias=False, dtype=DT)
+    a = FusedLoRALinear.from_linear(base, r=2)
+    b = FusedLoRALinear.from_linear(base, r=2)  # same weight object, used twice
+    model = nn.Sequential(a, nn.Tanh(), b)
+    batches = [(torch.randn(16, 12, dtype=DT), torch.randn(16, 12, dtype=DT))]
+    got = collect_gradients(model, batches, mse, progress=False)
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ref[0].weight.requires_grad_(True)
+    mse(ref, batches[0]).backward()
+    for name in ("0", "2"):
+        assert torch.allclose(got.grads[name], ref[0].weight.grad)
+    with pytest.raises(ValueError, match="share one weight"):
+        lora_ga_init(model, batches, mse, progress=False)
+
+
+def test_existing_weight_grad_is_not_mixed_in_and_is_restored():
+    model, batches = mlp(), data()
+    w = fused(model)[0].weight
+    w.grad = torch.full_like(w, 100.0)
+    grads = reference_grads(model, batches)
+    from lora_kernels.init.collect import collect_gradients
+
+    got = collect_gradients(model, batches, mse, progress=False)
+    assert torch.allclose(got.grads["0"], grads[0])
+    assert w.grad is not None and (w.grad == 100.0).all()
+
+
+def test_sketch_size_must_exceed_the_rank():
+    with pytest.raises(ValueError, match="sketch_size"):
+        lora_one_init(mlp(), data(), mse, method="sketch", sketch_size=3, progress=False)

@@ -325,3 +325,84 @@ def test_hf_trainer_runs_and_loss_decreases(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) >= 10 and min(losses[-3:]) < 0.95 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Regressions from the review of the surgery / adapter code
+# ------------------------------------------------------------------------------------------------------------
+
+def test_failed_load_leaves_a_plain_model_plain(tmp_path):
+    path = _saved(tmp_path)
+    _edit_tensors(path, lambda sd: sd.pop("base_model.model.blocks.0.q_proj.lora_A.weight"))
+    plain = tiny()
+    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
+    with pytest.raises(KeyError):
+        load_adapter(plain, str(path))
+    assert not any(isinstance(x, FusedLoRALinear) for x in plain.modules())
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+    assert torch.allclose(plain(IDX), tiny()(IDX))
+
+
+def test_load_into_merged_model_then_unmerge_restores_base(tmp_path):
+    path = _saved(tmp_path)
+    m = inject_lora(tiny(), r=4)
+    randomise_adapters(m, seed=5)
+    merge_lora(m)
+    load_adapter(m, str(path))
+    unmerge_lora(m)
+    unload_lora(m, merge=False)
+    assert torch.allclose(m(IDX), tiny()(IDX), atol=1e-12)
+
+
+def test_init_variants_that_change_the_base_and_bad_mode_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    cfg = json.load(open(path / "adapter_config.json"))
+    for key, value in (("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+                       ("alora_invocation_tokens", [1, 2])):
+        json.dump(dict(cfg, **{key: value}), open(path / "adapter_config.json", "w"))
+        with pytest.raises(ValueError, match=key):
+            load_adapter(tiny(), str(path))
+    json.dump(cfg, open(path / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match="mode"):
+        load_adapter(tiny(), str(path), mode="BA")
+
+
+def test_tied_head_in_modules_to_save_round_trips(tmp_path):
+    m = tiny()
+    m.lm_head.weight = m.embed.weight  # tied, as in many LMs
+    with pytest.warns(UserWarning, match="tied"):
+        inject_lora(m, ["q_proj"], r=2, modules_to_save=["lm_head"])
+    save_adapter(m, str(tmp_path))
+    other = tiny()
+    other.lm_head.weight = other.embed.weight
+    with pytest.warns(UserWarning, match="tied"):
+        load_adapter(other, str(tmp_path))
+    assert torch.allclose(other(IDX), m(IDX), atol=1e-12)
+
+
+def test_targets_inside_modules_to_save_are_not_injected():
+    m = inject_lora(tiny(), ["q_proj", "down_proj"], modules_to_save=["blocks.1"])
+    lora = {n for n, x in m.named_modules() if isinstance(x, FusedLoRALinear)}
+    assert lora == {"blocks.0.q_proj", "blocks.0.down_proj"}
+
+
+def test_linear_subclasses_are_skipped_and_all_linear_is_case_insensitive():
+    class Doubling(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    m = tiny()
+    m.blocks[0]["q_proj"] = Doubling(16, 16, dtype=DT)
+    y = m(IDX)
+    with pytest.warns(UserWarning, match="subclasses"):
+        inject_lora(m, "ALL-LINEAR")
+    assert type(m.blocks[0]["q_proj"]) is Doubling and torch.allclose(m(IDX), y)
+    with pytest.raises(TypeError, match="subclass"):
+        FusedLoRALinear.from_linear(Doubling(4, 4))
+
+
+def test_second_inject_keeps_first_adapters_trainable():
+    m = inject_lora(tiny(), ["q_proj"], r=2, modules_to_save=["lm_head"])
+    inject_lora(m, ["v_proj"], r=2)
+    assert m.blocks[0]["q_proj"].lora_B.requires_grad and m.blocks[0]["v_proj"].lora_B.requires_grad
+    assert m.lm_head.weight.requires_grad

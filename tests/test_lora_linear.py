@@ -340,3 +340,15 @@ def test_autocast_runs_in_autocast_dtype(backend):
     y.float().sum().backward()
     assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
     assert rel_err(y, lora_linear_ref(x, w, b, a, bb, 1.0, upcast=True)) < 2e-2
+
+
+def test_strided_bias_and_broadcast_gradient(backend):
+    """Review regressions: a bias with stride 2 must be read correctly, and a stride-0 (broadcast) gradient must
+    not be given to a tensor descriptor."""
+    x, w, _, a, bb = make_case(12, 64, 48, 4, torch.float32)
+    bias = torch.randn(48, 2)[:, 0]
+    assert bias.stride(0) == 2
+    run_and_compare(x, w, bias, a, bb, scale=0.5, p=0.0)
+    g = torch.ones(1, 48).expand(12, 48)
+    assert not lora_ops._tma_aligned(g)
+    assert lora_ops._tma_aligned(torch.ones(12, 48))

@@ -173,3 +173,15 @@ def test_bad_arguments():
         PreconditionedSGD.from_model(m, precond_damping=-1.0)
     with pytest.raises(ValueError, match="pair"):
         PreconditionedSGD(list(m.parameters()), pairs=[(m[0].lora_A, m[2].lora_B)])  # rank 3 with rank 5
+
+
+def test_warns_without_pairs_and_groups_inverses_by_dtype():
+    m = model()
+    with pytest.warns(UserWarning, match="no \\(lora_A, lora_B\\) pair"):
+        PreconditionedAdamW(m.parameters(), lr=1e-3)
+    from lora_kernels.optim.preconditioned import _batched_inverse
+
+    mats = [torch.eye(3, dtype=torch.float32) * 2, torch.eye(3, dtype=torch.float64) * 4]
+    inv32, inv64 = _batched_inverse(mats, 0.0)
+    assert inv32.dtype == torch.float32 and inv64.dtype == torch.float64
+    assert torch.allclose(inv64, torch.eye(3, dtype=DT) / 4)

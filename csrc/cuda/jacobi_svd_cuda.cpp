@@ -13,6 +13,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> jacobi_svd_cuda(const to
   TORCH_CHECK(M.scalar_type() == torch::kFloat32 || M.scalar_type() == torch::kFloat64,
               "jacobi_svd_cuda: M must be float32 or float64, got ", M.scalar_type());
   TORCH_CHECK(max_sweeps > 0, "jacobi_svd_cuda: max_sweeps must be positive, got ", max_sweeps);
+  TORCH_CHECK(tol > 0.0, "jacobi_svd_cuda: tol must be positive, got ", tol);
   TORCH_CHECK(M.size(0) <= 2147483647 && M.size(1) <= 46340, "jacobi_svd_cuda: batch or k too large: ", M.sizes());
   const c10::cuda::CUDAGuard guard(M.device());
   const auto Mc = M.contiguous();

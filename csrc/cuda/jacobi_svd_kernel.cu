@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kWarps * 32) jacobi_svd_kernel(const T* __rest
         alpha = warp_sum(alpha);
         beta = warp_sum(beta);
         gamma = warp_sum(gamma);
-        if (gamma == T(0) || fabs(gamma) <= tol * sqrt(alpha * beta)) continue;
+        if (gamma == T(0) || fabs(gamma) <= tol * sqrt(alpha) * sqrt(beta)) continue;
         const T zeta = (beta - alpha) / (T(2) * gamma);
         const T t = (zeta >= T(0) ? T(1) : T(-1)) / (fabs(zeta) + sqrt(T(1) + zeta * zeta));
         const T c = T(1) / sqrt(T(1) + t * t);

@@ -80,34 +80,62 @@ def _dist():
     return None
 
 
+def comm_device() -> torch.device:
+    """Where collective buffers must live: the current CUDA device for NCCL (it rejects CPU tensors), else CPU."""
+    d = _dist()
+    if d is not None and d.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shared_seed(generator: Optional[torch.Generator]) -> int:
     """A seed identical on every rank: drawn from ``generator`` (or torch's default RNG) on rank 0, broadcast."""
-    seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+    dev = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=dev).item())
     d = _dist()
     if d is not None:
-        t = torch.tensor([seed], dtype=torch.int64)
+        t = torch.tensor([seed], dtype=torch.int64, device=comm_device())
         d.broadcast(t, src=0)
         seed = int(t.item())
     return seed
 
 
+def agree_on_failure(error: Optional[BaseException]) -> None:
+    """Collective check after a phase that can fail on one rank only: every rank raises if any rank failed, so no
+    rank is left waiting in a later collective."""
+    d = _dist()
+    if d is None:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([1.0 if error is not None else 0.0], device=comm_device())
+    d.all_reduce(flag)
+    if error is not None:
+        raise error
+    if float(flag.item()) > 0:
+        raise RuntimeError("lora_kernels: gradient collection failed on another rank (see that rank's error)")
+
+
 @contextlib.contextmanager
 def _collection_state(model: nn.Module, weights: List[nn.Parameter]):
-    """Train mode, only ``weights`` requiring grad; restores modes and flags afterwards."""
+    """Train mode, only ``weights`` requiring grad, their existing ``.grad`` set aside (it would be mixed into G);
+    modes, flags and those gradients are restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     flags = {p: p.requires_grad for p in model.parameters()}
+    old_grads = {w: w.grad for w in weights}
     try:
         model.train()
         for p in model.parameters():
             p.requires_grad_(False)
         for w in weights:
+            w.grad = None
             w.requires_grad_(True)
         yield
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
-            if p.grad is not None and p in set(weights):
-                p.grad = None
+        for w, g in old_grads.items():
+            w.grad = g
         for m, t in modes.items():
             m.train(t)
 
@@ -123,6 +151,10 @@ def collect_gradients(model: nn.Module, batches: Iterable, loss_fn: Optional[Cal
     layers = adapted_layers(model)
     loss_fn = loss_fn or default_loss
     weights = {name: m.weight for name, m in layers}
+    # Layers may share one frozen weight (tied weights): its gradient (the sum over every use) goes to each alias.
+    aliases: Dict[int, List[str]] = {}
+    for name, w in weights.items():
+        aliases.setdefault(id(w), []).append(name)
     result = Collected(method=method, num_batches=0)
     gen = torch.Generator().manual_seed(seed)
     for name, m in layers:
@@ -140,27 +172,30 @@ def collect_gradients(model: nn.Module, batches: Iterable, loss_fn: Optional[Cal
                 psi=torch.randn((l_, out_f), generator=gen, dtype=mdt).to(dev),
                 Y=torch.zeros((out_f, k), dtype=mdt, device=dev), W=torch.zeros((l_, in_f), dtype=mdt, device=dev))
 
-    def make_hook(name):
+    def make_hook(names):
         def hook(param: torch.Tensor):
             g = param.grad
             param.grad = None
             if g is None:
                 return
-            if method == "exact":
-                acc = result.grads[name]
-                acc.add_(g.detach().to(device=acc.device, dtype=acc.dtype))
-            else:
-                sk = result.sketches[name]
-                g32 = g.detach().to(device=sk.Y.device, dtype=sk.Y.dtype)
-                sk.Y.add_(g32 @ sk.omega)
-                sk.W.add_(sk.psi @ g32)
+            for name in names:
+                if method == "exact":
+                    acc = result.grads[name]
+                    acc.add_(g.detach().to(device=acc.device, dtype=acc.dtype))
+                else:
+                    sk = result.sketches[name]
+                    g32 = g.detach().to(device=sk.Y.device, dtype=sk.Y.dtype)
+                    sk.Y.add_(g32 @ sk.omega)
+                    sk.W.add_(sk.psi @ g32)
         return hook
 
     iterator = iter(batches)
     handles = []
-    with _collection_state(model, list(weights.values())):
-        for name, w in weights.items():
-            handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
+    unique = {id(w): w for w in weights.values()}
+    failure: Optional[BaseException] = None
+    with _collection_state(model, list(unique.values())):
+        for wid, w in unique.items():
+            handles.append(w.register_post_accumulate_grad_hook(make_hook(aliases[wid])))
         try:
             bar = _progress(progress, num_batches)
             while num_batches is None or result.num_batches < num_batches:
@@ -178,9 +213,12 @@ def collect_gradients(model: nn.Module, batches: Iterable, loss_fn: Optional[Cal
                 result.num_batches += 1
                 bar.update(1)
             bar.close()
+        except Exception as exc:  # agreed on across ranks below, so no rank hangs in the all-reduce
+            failure = exc
         finally:
             for h in handles:
                 h.remove()
+    agree_on_failure(failure)
     total = _all_reduce(result)
     if total == 0:
         raise ValueError("batches is empty: the one-step gradient needs at least one batch")
@@ -202,13 +240,23 @@ def _all_reduce(result: Collected) -> int:
     d = _dist()
     if d is None:
         return result.num_batches
-    count = torch.tensor([float(result.num_batches)])
+    dev = comm_device()
+    count = torch.tensor([float(result.num_batches)], device=dev)
     d.all_reduce(count)
+
+    def reduce_(t: torch.Tensor) -> None:
+        if t.device == dev or dev.type == "cpu":
+            d.all_reduce(t)
+        else:  # e.g. accumulators kept on the CPU under NCCL
+            buf = t.to(dev)
+            d.all_reduce(buf)
+            t.copy_(buf)
+
     for t in result.grads.values():
-        d.all_reduce(t)
+        reduce_(t)
     for sk in result.sketches.values():
-        d.all_reduce(sk.Y)
-        d.all_reduce(sk.W)
+        reduce_(sk.Y)
+        reduce_(sk.W)
     return int(count.item())
 
 
@@ -234,6 +282,8 @@ def _progress(enabled: bool, total: Optional[int]):
 
 
 def sketch_svd(sk: _Sketch, rank: int):
+    if sk.Y.shape[1] < rank:
+        raise ValueError(f"sketch_size {sk.Y.shape[1]} is smaller than the rank {rank} it must recover")
     """Low-rank SVD from the two sketches (Tropp et al. 2017, fixed-rank variant): Q = orth(Y), X = (Ψ Q)⁺ W,
     G ≈ Q X; then the SVD of the small X.  Returns U (out, rank), S (rank,), V (in, rank)."""
     Y, W, psi = sk.Y.double(), sk.W.double(), sk.psi.double()

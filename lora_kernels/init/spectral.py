@@ -84,21 +84,36 @@ def _grouped_svd(mats: Dict[str, torch.Tensor], ranks: Dict[str, int], devices: 
     for name, m in mats.items():
         groups.setdefault((tuple(m.shape), ranks[name], str(devices[name])), []).append(name)
     out, secs = {}, {}
-    for (shape, rank, dev), names in groups.items():
-        t0 = time.perf_counter()
-        stack = torch.stack([mats[n].to(dev) for n in names])
-        if negate:
-            stack = stack.neg_()
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        U, S, V = rsvd(stack, rank, generator=gen, **(rsvd_kwargs or {}))
-        if stack.is_cuda:
-            torch.cuda.synchronize(stack.device)
-        dt = (time.perf_counter() - t0) / len(names)
-        for i, n in enumerate(names):
-            out[n] = (U[i], S[i], V[i])
-            secs[n] = dt
-        del stack
+    for (shape, rank, dev), all_names in groups.items():
+        # At most _SVD_CHUNK matrices on the device at once (the accumulators may live on the CPU).
+        for c in range(0, len(all_names), _SVD_CHUNK):
+            names = all_names[c:c + _SVD_CHUNK]
+            t0 = time.perf_counter()
+            stack = torch.stack([mats[n].to(dev) for n in names])
+            if negate:
+                stack = stack.neg_()
+            gen = torch.Generator(device=dev).manual_seed(seed + c)
+            U, S, V = rsvd(stack, rank, generator=gen, **(rsvd_kwargs or {}))
+            if stack.is_cuda:
+                torch.cuda.synchronize(stack.device)
+            dt = (time.perf_counter() - t0) / len(names)
+            for i, n in enumerate(names):
+                out[n] = (U[i], S[i], V[i])
+                secs[n] = dt
+            del stack
     return out, secs
+
+
+_SVD_CHUNK = 32
+
+
+def _refuse_shared_weights(layers: Dict[str, FusedLoRALinear], init: str) -> None:
+    seen: Dict[int, str] = {}
+    for n, m in layers.items():
+        if id(m.weight) in seen:
+            raise ValueError(f"{init} modifies W, but layers {seen[id(m.weight)]!r} and {n!r} share one weight "
+                             f"(tied weights): exclude one of them")
+        seen[id(m.weight)] = n
 
 
 def _pad(factor_rows: torch.Tensor, r: int, dim: int) -> torch.Tensor:
@@ -112,7 +127,7 @@ def _pad(factor_rows: torch.Tensor, r: int, dim: int) -> torch.Tensor:
 
 
 def _commit(layers: Dict[str, FusedLoRALinear], new_A: Dict[str, torch.Tensor], new_B: Dict[str, torch.Tensor],
-            new_W: Optional[Dict[str, torch.Tensor]] = None) -> None:
+            new_W: Optional[Dict[str, torch.Tensor]] = None, modified_by: str = "") -> None:
     for name, t in list(new_A.items()) + list(new_B.items()) + list((new_W or {}).items()):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"initialisation of layer {name!r} produced NaN/Inf; the model was not changed")
@@ -130,6 +145,7 @@ def _commit(layers: Dict[str, FusedLoRALinear], new_A: Dict[str, torch.Tensor], 
             m.lora_B.copy_(new_B[name].to(m.lora_B))
             if new_W is not None and name in new_W:
                 m.weight.copy_(new_W[name].to(m.weight))
+                m.base_modified_by = modified_by  # save_adapter warns: the adapter needs this modified base
 
 
 def _gradient_factors(collected: Collected, layers: Dict[str, FusedLoRALinear], ranks: Dict[str, int], seed: int,
@@ -175,6 +191,9 @@ def _gradient_svd(model, batches, loss_fn, *, svd_rank: Callable[[FusedLoRALinea
     for n, m in layers.items():
         r, clamped[n] = _rank_for(m, m.r, n)
         ranks[n] = svd_rank(m, r)
+        if method == "sketch" and sketch_size is not None and sketch_size <= ranks[n]:
+            raise ValueError(f"sketch_size={sketch_size} must exceed the {ranks[n]} singular triplets layer {n!r} "
+                             f"needs (at least {ranks[n] + 1})")
     seed = shared_seed(generator)
     t0 = time.perf_counter()
     collected = collect_gradients(model, batches, loss_fn, num_batches=num_batches, method=method,
@@ -233,6 +252,7 @@ def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable
                  niter: Optional[int] = None, sketch_size: Optional[int] = None) -> InitReport:
     """LoRA-GA: A₀ = V[:, :r]ᵀ, B₀ = U[:, r:2r] of the SVD of +G, both × out^{1/4}/√γ; W₀ ← W₀ − s·B₀A₀."""
     _check_gamma(gamma)
+    _refuse_shared_weights(dict(adapted_layers(model)), "LoRA-GA")
     g = _gradient_svd(model, batches, loss_fn, svd_rank=lambda m, r: min(2 * r, m.in_features, m.out_features),
                       sketch_k=2, negate=False, num_batches=num_batches, method=method, generator=generator,
                       progress=progress, accumulate_on=accumulate_on, oversample=oversample, niter=niter,
@@ -247,10 +267,10 @@ def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable
         A0, B0 = _pad(a, r, 0), _pad(b, r, 1)
         new_A[n], new_B[n] = A0, B0
         mdt = math_dtype(m.weight)
-        new_W[n] = m.weight.detach().to(mdt) - m.scaling * (B0.to(mdt) @ A0.to(mdt))
+        new_W[n] = (m.weight.detach().to(mdt) - m.scaling * (B0.to(mdt) @ A0.to(mdt))).to(m.weight.dtype)
         reports.append(LayerReport(n, tuple(m.weight.shape), min(r, g.ranks[n]), g.seconds[n], g.energy[n], S.tolist(),
                                    g.clamped[n] or 2 * r > g.ranks[n]))
-    _commit(g.layers, new_A, new_B, new_W)
+    _commit(g.layers, new_A, new_B, new_W, modified_by="LoRA-GA")
     return InitReport("LoRA-GA", method, g.num_batches, g.seconds_collect, time.perf_counter() - g.t_svd_start,
                       reports)
 
@@ -261,6 +281,7 @@ def pissa_init(model: nn.Module, *, generator: Optional[torch.Generator] = None,
 
     oversample / niter: passed to ``rsvd`` (random linear weights have flat spectra: raise them for accuracy)."""
     layers = dict(adapted_layers(model))
+    _refuse_shared_weights(layers, "PiSSA")
     ranks, clamped = {}, {}
     for n, m in layers.items():
         ranks[n], clamped[n] = _rank_for(m, m.r, n)
@@ -275,8 +296,8 @@ def pissa_init(model: nn.Module, *, generator: Optional[torch.Generator] = None,
         root = S.clamp_min(0).sqrt() / math.sqrt(m.scaling)
         A0, B0 = _pad((V * root).mT, m.r, 0), _pad(U * root, m.r, 1)
         new_A[n], new_B[n] = A0, B0
-        new_W[n] = weights[n] - m.scaling * (B0.to(weights[n].dtype) @ A0.to(weights[n].dtype))
+        new_W[n] = (weights[n] - m.scaling * (B0.to(weights[n].dtype) @ A0.to(weights[n].dtype))).to(m.weight.dtype)
         energy = float(S.double().pow(2).sum() / weights[n].double().pow(2).sum().clamp_min(1e-300))
         reports.append(LayerReport(n, tuple(m.weight.shape), ranks[n], secs[n], energy, S.tolist(), clamped[n]))
-    _commit(layers, new_A, new_B, new_W)
+    _commit(layers, new_A, new_B, new_W, modified_by="PiSSA")
     return InitReport("PiSSA", "rsvd", 0, 0.0, time.perf_counter() - t0, reports)

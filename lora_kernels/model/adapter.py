@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from typing import Dict, Optional
 
@@ -24,8 +25,12 @@ from lora_kernels.modules import FusedLoRALinear
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "fan_in_fan_out")
-_UNSUPPORTED_SET = ("layers_to_transform", "layer_replication", "target_parameters", "trainable_token_indices")
+_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "fan_in_fan_out", "use_bdlora", "use_qalora")
+_UNSUPPORTED_SET = ("layers_to_transform", "layer_replication", "target_parameters", "trainable_token_indices",
+                    "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config")
+# init_lora_weights values that only set A/B; the others (pissa, olora, loftq, corda, eva, lora_ga...) also change
+# the base weights, so their adapters are meaningless on the original base model and are refused.
+_PLAIN_INITS = (True, False, "gaussian", "kaiming")
 
 
 def _named_lora(model: nn.Module) -> Dict[str, FusedLoRALinear]:
@@ -52,8 +57,12 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
     to_save = list(cfg.get("modules_to_save", []))
     for mname, mod in model.named_modules():
         if any(mname == s or mname.endswith("." + s) for s in to_save):
-            for pname, p in mod.named_parameters(recurse=True):
+            for pname, p in mod.named_parameters(recurse=True, remove_duplicate=False):
                 tensors[f"{PREFIX}{mname}.{pname}"] = p.detach().contiguous().clone()
+    modified = sorted({m.base_modified_by for m in layers.values() if getattr(m, "base_modified_by", None)})
+    if modified:
+        warnings.warn(f"save_adapter: {', '.join(modified)} changed the base weights; this adapter is only valid on "
+                      f"the modified base model (save the model's weights too)", stacklevel=2)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -93,6 +102,12 @@ def _read_config(path: str) -> dict:
     for key in _UNSUPPORTED_SET:
         if cfg.get(key) not in (None, [], {}):
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by lora_kernels")
+    init = cfg.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise ValueError(f"{cfg_path}: init_lora_weights={init!r} also modifies the base weights, which this adapter "
+                         f"file does not contain; not supported")
+    if "r" not in cfg:
+        raise ValueError(f"{cfg_path}: the config has no 'r'")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none')")
     return cfg
@@ -101,15 +116,18 @@ def _read_config(path: str) -> dict:
 def load_adapter(model: nn.Module, path: str, *, mode: Optional[str] = None) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model`` (plain: adapters are injected per the config first).
 
-    Checks every key and shape before writing anything; a missing, unexpected or mis-shaped tensor raises an
-    error naming the key.  Each layer's scale is set from the config (lora_alpha / r, or / √r with rsLoRA).
+    Every key and shape is checked before anything is written; a missing, unexpected or mis-shaped tensor raises an
+    error naming the key, and the model is left as it was (a plain model stays plain).  Each layer's scale is set from
+    the config (lora_alpha / r, or / √r with rsLoRA); merged layers are unmerged, loaded and merged again.
     ``mode`` ("AB", "B", "A") sets which factors train afterwards (default: as saved by lora_kernels, else "AB").
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from lora_kernels.model.inject import _pattern_value
+    from lora_kernels.model.inject import unload_lora
 
+    if mode is not None and mode not in ("AB", "B", "A"):
+        raise ValueError(f"mode must be one of ('AB', 'B', 'A') or None, got {mode!r}")
     cfg = _read_config(path)
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
@@ -122,19 +140,34 @@ def load_adapter(model: nn.Module, path: str, *, mode: Optional[str] = None) -> 
     state = load_file(weights)
 
     layers = _named_lora(model)
-    injected_here = False
-    if not layers:
-        targets = cfg.get("target_modules")
-        if isinstance(targets, list) and not targets:
-            raise ValueError(f"{path!r}: target_modules is empty")
-        inject_lora(model, targets if targets is not None else "all-linear", r=int(cfg["r"]),
-                    lora_alpha=cfg.get("lora_alpha", cfg["r"]), lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-                    use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or None,
-                    alpha_pattern=cfg.get("alpha_pattern") or None, modules_to_save=cfg.get("modules_to_save") or None)
-        layers = _named_lora(model)
-        injected_here = True
+    injected_here = not layers
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        if injected_here:
+            targets = cfg.get("target_modules")
+            if isinstance(targets, list) and not targets:
+                raise ValueError(f"{path!r}: target_modules is empty")
+            inject_lora(model, targets if targets is not None else "all-linear", r=int(cfg["r"]),
+                        lora_alpha=cfg.get("lora_alpha", cfg["r"]), lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                        use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or None,
+                        alpha_pattern=cfg.get("alpha_pattern") or None,
+                        exclude_modules=cfg.get("exclude_modules") or None,
+                        modules_to_save=cfg.get("modules_to_save") or None)
+            layers = _named_lora(model)
+        plan = _plan_load(model, layers, state, cfg, weights)
+    except Exception:
+        if injected_here and _named_lora(model):  # leave a plain model as it was given
+            unload_lora(model, merge=False)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        raise
+    _write(layers, plan, cfg, mode, saved_modes, injected_here)
+    return model
 
-    # Validate everything first.
+
+def _plan_load(model: nn.Module, layers: Dict[str, FusedLoRALinear], state: Dict[str, torch.Tensor], cfg: dict,
+               weights: str):
+    """Check every key and shape; return [(parameter, value)] to copy.  Raises naming the offending key."""
     plan = []
     expected = set()
     for name, m in layers.items():
@@ -148,7 +181,7 @@ def load_adapter(model: nn.Module, path: str, *, mode: Optional[str] = None) -> 
                                  f"model (wrong rank or a different base model?)")
             plan.append((param, state[key]))
     to_save = cfg.get("modules_to_save") or []
-    named_params = dict(model.named_parameters())
+    named_params = dict(model.named_parameters(remove_duplicate=False))
     for key, value in state.items():
         if key in expected:
             continue
@@ -164,8 +197,16 @@ def load_adapter(model: nn.Module, path: str, *, mode: Optional[str] = None) -> 
     for key, value in state.items():
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} has NaN/Inf entries")
+    return plan
 
-    # Then write.
+
+def _write(layers: Dict[str, FusedLoRALinear], plan, cfg: dict, mode: Optional[str], saved_modes: dict,
+           injected_here: bool) -> None:
+    from lora_kernels.model.inject import _pattern_value
+
+    merged = [m for m in layers.values() if m.merged]
+    for m in merged:  # a merged weight still contains the old factors: take them out before replacing them
+        m.unmerge()
     alpha_default = cfg.get("lora_alpha", cfg["r"])
     rslora = bool(cfg.get("use_rslora", False))
     with torch.no_grad():
@@ -180,4 +221,5 @@ def load_adapter(model: nn.Module, path: str, *, mode: Optional[str] = None) -> 
             m.mode = want
             m.lora_A.requires_grad_(want in ("AB", "A"))
             m.lora_B.requires_grad_(want in ("AB", "B"))
-    return model
+    for m in merged:
+        m.merge()

@@ -3,8 +3,11 @@
 Matching follows PEFT so that configs carry over:
   * ``target_modules`` as a list: a module matches if its full name equals an entry or ends with "." + entry;
   * as a string: a regular expression that must match the full module name (``re.fullmatch``);
-  * ``"all-linear"``: every nn.Linear except the output head (``model.get_output_embeddings()`` when the model
-    has it, else modules named ``lm_head``), as PEFT does.
+  * ``"all-linear"`` (any case): every nn.Linear except the output head ``model.get_output_embeddings()`` when the
+    model has one, as PEFT does for transformers models;
+  * modules inside ``modules_to_save`` are never targeted (PEFT excludes them too);
+  * only exact ``nn.Linear`` modules are replaced: a subclass (a quantised linear, a custom forward) would lose its
+    own forward, so it is skipped with a warning.
   * ``rank_pattern`` / ``alpha_pattern``: {pattern: value}; a module takes the value of the first pattern p with
     ``re.fullmatch(rf"(.*\\.)?(?:{p})", name)``.
 """
@@ -12,6 +15,7 @@ Matching follows PEFT so that configs carry over:
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -44,9 +48,20 @@ def _output_head_names(model: nn.Module) -> set:
             head = getter()
         except (NotImplementedError, AttributeError):
             head = None
-    names = {n for n, m in model.named_modules() if head is not None and m is head}
-    names |= {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
-    return names
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def _inside(name: str, containers: Iterable[str]) -> bool:
+    """PEFT's rule: ``name`` is (or is below) a module matching an entry of modules_to_save."""
+    return any(re.fullmatch(rf"(.*\.)?{re.escape(c)}(\..*)?", name) for c in containers)
+
+
+def _shared_weight_owners(model: nn.Module) -> Dict[int, List[str]]:
+    owners: Dict[int, List[str]] = {}
+    for n, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    return owners
 
 
 def inject_lora(model: nn.Module, target_modules: Targets = "all-linear", *, r: int = 8, lora_alpha: float = 8,
@@ -62,22 +77,40 @@ def inject_lora(model: nn.Module, target_modules: Targets = "all-linear", *, r: 
         raise TypeError("target_modules must be 'all-linear', a regex string or a list of module names/suffixes")
     if isinstance(target_modules, (list, tuple, set)) and not target_modules:
         raise ValueError("target_modules is empty")
+    if mode not in ("AB", "B", "A"):
+        raise ValueError(f"mode must be one of ('AB', 'B', 'A'), got {mode!r}")
+    save_names = list(modules_to_save or [])
+    all_names = dict(model.named_modules())
+    if save_names and not any(_inside(n, save_names) for n in all_names):
+        # PEFT's task presets list several heads (e.g. ["classifier", "score"]); one of them must exist.
+        raise ValueError(f"modules_to_save={save_names!r} matches no module of the model")
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if target_modules == "all-linear":
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         heads = _output_head_names(model)
         chosen = [(n, m) for n, m in linears if n not in heads]
     else:
         chosen = [(n, m) for n, m in linears if _matches(n, target_modules)]
     if exclude_modules:
         chosen = [(n, m) for n, m in chosen if not _matches(n, exclude_modules)]
+    chosen = [(n, m) for n, m in chosen if not _inside(n, save_names)]
+    subclasses = [n for n, m in chosen if type(m) is not nn.Linear]
+    if subclasses:
+        warnings.warn(f"inject_lora: skipping nn.Linear subclasses (their own forward would be lost): "
+                      f"{', '.join(subclasses[:5])}", stacklevel=2)
+        chosen = [(n, m) for n, m in chosen if type(m) is nn.Linear]
     if not chosen:
         sample = ", ".join(n for n, _ in linears[:8]) or "(the model has no nn.Linear)"
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module; some available: {sample}")
-    save_names = list(modules_to_save or [])
-    all_names = dict(model.named_modules())
-    for s in save_names:
-        if not any(n == s or n.endswith("." + s) for n in all_names):
-            raise ValueError(f"modules_to_save entry {s!r} matches no module of the model")
+    owners = _shared_weight_owners(model)
+    tied = [n for n, m in chosen if len(owners.get(id(m.weight), [])) > 1]
+    if tied:
+        warnings.warn(f"inject_lora: {', '.join(tied[:5])} share their weight with another module (tied weights); "
+                      f"merge_lora / PiSSA / LoRA-GA would change that module too", stacklevel=2)
+    tied_saved = [n for n in all_names if _inside(n, save_names)
+                  and any(len(owners.get(id(p), [])) > 1 for p in all_names[n].parameters(recurse=False))]
+    if tied_saved:
+        warnings.warn(f"inject_lora: modules_to_save {', '.join(tied_saved[:5])} have tied weights: training them "
+                      f"also trains the tied module (PEFT trains an untied copy)", stacklevel=2)
 
     # Build every replacement first (they validate their configs), then swap: a failure leaves the model as it was.
     replacements = []
@@ -86,22 +119,29 @@ def inject_lora(model: nn.Module, target_modules: Targets = "all-linear", *, r: 
         alpha = _pattern_value(name, alpha_pattern, lora_alpha)
         replacements.append((name, FusedLoRALinear.from_linear(lin, r=rr, lora_alpha=alpha, lora_dropout=lora_dropout,
                                                                 mode=mode, use_rslora=use_rslora, init_A=init_A)))
+    earlier = [q for x in model.modules() if isinstance(x, FusedLoRALinear) for q in (x.lora_A, x.lora_B)
+               if q.requires_grad]
+    previous = getattr(model, CONFIG_ATTR, None)
+    keep_saved = list(previous.get("modules_to_save", [])) if previous else []
     for p in model.parameters():
         p.requires_grad_(False)
+    for q in earlier:  # a second inject_lora call keeps the first call's adapters trainable
+        q.requires_grad_(True)
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         new.lora_A.requires_grad_(mode in ("AB", "A"))  # the freeze above also froze the new adapters
         new.lora_B.requires_grad_(mode in ("AB", "B"))
+    all_saved = keep_saved + [s for s in save_names if s not in keep_saved]
     for n, m in model.named_modules():
-        if any(n == s or n.endswith("." + s) for s in save_names):
+        if any(n == s or n.endswith("." + s) for s in all_saved):
             for p in m.parameters():
                 p.requires_grad_(True)
     setattr(model, CONFIG_ATTR, dict(
-        target_modules=[n for n, _ in replacements], r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        mode=mode, use_rslora=use_rslora, rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
-        modules_to_save=save_names))
+        target_modules=(list(previous["target_modules"]) if previous else []) + [n for n, _ in replacements],
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mode=mode, use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), modules_to_save=all_saved))
     return model
 
 

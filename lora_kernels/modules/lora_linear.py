@@ -100,8 +100,9 @@ class FusedLoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     mode: str = "AB", use_rslora: bool = False, init_A: str = "kaiming") -> "FusedLoRALinear":
         """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` Parameters are shared (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"linear must be an nn.Linear (not a subclass, whose own forward would be lost), got "
+                            f"{type(linear).__name__}")
         cls._check_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, mode, init_A)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -123,15 +124,19 @@ class FusedLoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     # -- merge -------------------------------------------------------------------------------------------
+    def _math_dtype(self) -> torch.dtype:
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
     def _delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        dt = self._math_dtype()
+        return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold s·BA into ``weight`` (in fp32, then cast) so inference runs as a plain linear layer."""
+        """Fold s·BA into ``weight`` (in fp32, fp64 for fp64 weights, then cast) so inference is a plain linear."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.float() + self._delta_weight()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._math_dtype()) + self._delta_weight()).to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -139,7 +144,7 @@ class FusedLoRALinear(nn.Module):
         """Undo ``merge`` (exact up to one rounding of ``weight`` in its own dtype)."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self._delta_weight()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._math_dtype()) - self._delta_weight()).to(self.weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:

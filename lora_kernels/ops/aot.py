@@ -117,10 +117,14 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
 def autotune_variants(dtype: str = "bf16") -> List[Variant]:
     """Every autotuning candidate of the fused GEMM that the pruner can pick, forward and masked dgrad."""
     out = []
-    for tma in (True, False):
+    import torch
+
+    probe = torch.empty(0, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    for tma in ((True, False) if dtype != "fp32" else (False,)):
         for name, drop in (("gemm fwd", False), ("gemm dgrad dropout", True)):
-            flags = {"USE_TMA": tma, "EPI_DROPOUT": drop}
-            for cfg in ops._prune_gemm_configs(ops.get_gemm_configs(), {"M": 8192, "N": 4096}, **flags):
+            flags = {"USE_TMA": tma, "EPI_DROPOUT": drop, "INPUT_PRECISION": "ieee"}
+            for cfg in ops._prune_gemm_configs(ops.get_gemm_configs(), {"M": 8192, "N": 4096, "a_ptr": probe},
+                                               **flags):
                 tiles = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 out.append(Variant(f"{name}{' tma' if tma else ''} [{tiles} w{cfg.num_warps} s{cfg.num_stages}]",
                                    ops._lora_gemm_kernel, dtype,
@@ -132,7 +136,7 @@ def autotune_variants(dtype: str = "bf16") -> List[Variant]:
 
 def checked_variants() -> List[Variant]:
     """The set the test suite checks: every launcher variant in bf16 and fp32, every bf16 autotune candidate."""
-    return launcher_variants(("bf16", "fp32")) + autotune_variants("bf16")
+    return launcher_variants(("bf16", "fp32")) + autotune_variants("bf16") + autotune_variants("fp32")
 
 
 def main(argv=None) -> None:

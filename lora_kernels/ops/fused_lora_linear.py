@@ -37,6 +37,7 @@ same seed → same mask within a backend).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -309,9 +310,13 @@ if HAS_TRITON:
     # Autotuning
     # ------------------------------------------------------------------------------------------------------
 
+    # IEEE fp32 runs on the FMA units: small tiles only (the 16-bit ones spill or exceed shared memory there).
+    _FP32_TILES = {(64, 64, 32), (128, 64, 32), (64, 128, 32)}
+
     def get_gemm_configs():
         """Candidate tiles for the fused GEMM on Hopper/Ampere; pruned per shape by ``_prune_gemm_configs``."""
-        configs = []
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=4,
+                                 num_stages=3) for bm, bn, bk in sorted(_FP32_TILES)]
         for bm, bn, bk, warps, stages in [
             (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
@@ -332,9 +337,13 @@ if HAS_TRITON:
 
         m, n = named_args["M"], named_args["N"]
         use_tma, masked = flag("USE_TMA"), flag("EPI_DROPOUT")
+        a = named_args.get("a_ptr")
+        fp32 = getattr(a, "dtype", None) == torch.float32 and flag("INPUT_PRECISION") == "ieee"
         keep = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if fp32 != ((bm, bn, c.kwargs["BLOCK_K"]) in _FP32_TILES and c.num_warps == 4 and c.num_stages == 3):
+                continue
             per_thread = bm * bn // (32 * c.num_warps)
             if bm > max(64, triton.next_power_of_2(m)) or bn > max(64, triton.next_power_of_2(n)):
                 continue
@@ -347,7 +356,7 @@ if HAS_TRITON:
 
     _lora_gemm_kernel_tuned = triton.autotune(
         configs=get_gemm_configs(),
-        key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "EPI_DROPOUT", "HAS_BIAS", "USE_TMA", "W_NK"],
+        key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "EPI_DROPOUT", "HAS_BIAS", "USE_TMA", "W_NK", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_gemm_configs},
     )(_lora_gemm_kernel)
 
@@ -448,16 +457,30 @@ def _shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float, out_scale: 
 
 
 def _tma_aligned(*mats: torch.Tensor) -> bool:
-    """Tensor-descriptor rules: unit inner stride, 16-byte aligned base and row stride."""
+    """Tensor-descriptor rules: unit inner stride, 16-byte aligned base and row stride, rows that neither overlap
+    nor repeat (a broadcast gradient has row stride 0)."""
     return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in mats)
+               and (t.shape[0] == 1 or t.stride(0) >= t.shape[1]) for t in mats)
 
 
-_TMA_ALLOCATOR_SET = False
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.int8)
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocator.  Triton keeps it in a ContextVar, which a new
+    thread (autograd runs CUDA backward on its own worker thread) does not inherit: check on every launch."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return  # someone (us on this thread, or the user / inductor) already set one
+    except (ImportError, AttributeError):  # internals moved: setting it is always safe
+        pass
+    triton.set_allocator(_tma_scratch)
 
 
 def _use_tma(a2d, w, c) -> bool:
-    global _TMA_ALLOCATOR_SET
     # 16-bit only: IEEE fp32 runs on the FMA units, where the transposed TMA tile spilled 264 B (aot report).
     if (os.environ.get("LORA_KERNELS_TMA", "1") == "0" or a2d.dtype not in (torch.float16, torch.bfloat16)
             or not _tma_aligned(a2d, w, c)):
@@ -466,9 +489,7 @@ def _use_tma(a2d, w, c) -> bool:
         return True
     if torch.cuda.get_device_capability(a2d.device)[0] < 9:
         return False
-    if not _TMA_ALLOCATOR_SET:  # device-side descriptors need a small global scratch buffer per launch
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
-        _TMA_ALLOCATOR_SET = True
+    _ensure_tma_allocator()
     return True
 
 
@@ -485,6 +506,8 @@ def _gemm(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
         return c
     w_strides = (w.stride(1), w.stride(0)) if w_nk else (w.stride(0), w.stride(1))
     has_bias = bias is not None
+    if has_bias:
+        bias = bias.contiguous()  # the kernel reads it with unit stride
     args = (
         a2d, w, bias if has_bias else a2d, t, l, c,
         m, n, k, r,
@@ -583,8 +606,18 @@ def _kernels_for(x: torch.Tensor, r: int) -> bool:
     return r <= MAX_KERNEL_RANK and use_triton(x)
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it the tensors' device (e.g. device_map="auto")."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def lora_fwd(x2d, weight, bias, lora_A, lora_B, scale: float, dropout_p: float, seed: int):
     """Returns (y2d [N, out], t [N, r]) with t = s · dropout(x) Aᵀ (scale folded in).  x2d: [N, in], any strides."""
+    with _on_device(x2d):
+        return _lora_fwd_impl(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+
+
+def _lora_fwd_impl(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     if _kernels_for(x2d, lora_A.shape[0]):
         t = _shrink(x2d, lora_A, seed, dropout_p, scale / (1.0 - dropout_p))
         y = _gemm(x2d, weight, True, bias, t,
@@ -598,6 +631,12 @@ def lora_fwd(x2d, weight, bias, lora_A, lora_B, scale: float, dropout_p: float, 
 def lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale: float, dropout_p: float, seed: int,
              need_dx: bool, need_dA: bool, need_dB: bool, n_in: int):
     """Returns (dx2d, dA, dB); entries not asked for are None.  x2d is needed only for dA, t only for dB."""
+    with _on_device(g2d):
+        return _lora_bwd_impl(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need_dA, need_dB,
+                              n_in)
+
+
+def _lora_bwd_impl(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need_dA, need_dB, n_in):
     dx = d_a = d_b = None
     gscale = scale / (1.0 - dropout_p)  # gB' = s/(1-p) · g B serves both dX and dA
     if _kernels_for(g2d, lora_A.shape[0]):

@@ -19,6 +19,7 @@ Parameters that are not part of a pair (e.g. a trainable head) get the plain Ada
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -47,8 +48,8 @@ def _batched_inverse(mats: List[torch.Tensor], damping: float) -> List[torch.Ten
     out: List[Optional[torch.Tensor]] = [None] * len(mats)
     by_shape: Dict[Tuple, List[int]] = {}
     for i, m in enumerate(mats):
-        by_shape.setdefault((m.shape[-1], m.device), []).append(i)
-    for (r, dev), idx in by_shape.items():
+        by_shape.setdefault((m.shape[-1], m.device, m.dtype), []).append(i)
+    for (r, dev, _), idx in by_shape.items():
         M = torch.stack([mats[i] for i in idx])
         M = M + damping * torch.eye(r, device=dev, dtype=M.dtype)
         L, info = torch.linalg.cholesky_ex(M)
@@ -75,6 +76,10 @@ class _PreconditionedBase(torch.optim.Optimizer):
                 raise ValueError(f"each pair must be (A: r×in, B: out×r), got {tuple(a.shape)} and {tuple(b.shape)}")
             if id(a) in in_opt or id(b) in in_opt:
                 self._pairs.append((a, b))
+        if not self._pairs:
+            warnings.warn(f"{type(self).__name__}: no (lora_A, lora_B) pair among the parameters, so no gradient is "
+                          f"preconditioned (this is plain {type(self).__name__[14:]}); build it with from_model(model) "
+                          f"or pass pairs=", stacklevel=3)
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs):
