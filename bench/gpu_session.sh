@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One GPU session, one call: build (with the CUDA extension), GPU tests, benchmarks; everything logged and packed
+# One GPU run, one command: build (with the CUDA extension), GPU tests, benchmarks; everything logged and packed
 # into one archive.  Ordered by value per minute, so a session that runs out of time still returns the most
 # important numbers.
-#   bash bench/gpu_session.sh [OUTDIR]      (OUTDIR defaults to $OUT, else ./gpu_results)
+#   bash bench/gpu_session.sh [OUTDIR]      (OUTDIR defaults to ./gpu_results)
 # Budget on an H100 (estimates, to be replaced by measurements): build 2 min, GPU tests 3 min, kernel bench quick
 # 3 min, rsvd bench 4 min, e2e bench 4 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-gpu_results}}"
+out="${1:-gpu_results}"
 mkdir -p "$out/run"
 log="$out/run/session.log"
 export PYTHONUNBUFFERED=1
