@@ -145,7 +145,7 @@ def main(argv=None):
             bench_rsvd.main([])
             bench_e2e.main([])
     elif not cuda:
-        print("no CUDA GPU: benchmarks skipped (bench/bench_lora_linear.py and bench/bench_rsvd.py need one)")
+        print("no CUDA GPU: benchmarks skipped (bench_lora_linear.py, bench_rsvd.py and bench_e2e.py need one)")
 
 
 if __name__ == "__main__":
