@@ -4,7 +4,8 @@ Providers, measured side by side in one run on the same inputs:
   linear  frozen nn.Linear (the floor; its backward computes dX only)
   peft    PEFT's LoRA Linear when peft imports, else the same composition in plain torch (base + B(A(drop(x)))·s)
   addmm   x Wᵀ then ``addmm_`` of (drop(x) Aᵀ) Bᵀ  (cuBLAS, two GEMMs + two skinny ones)
-  ours    lora_kernels.lora_linear
+  ours    lora_kernels.lora_linear (GEMM arrangement "auto": fused or split, whichever measured faster per shape)
+  ours-fused / ours-split   the same with the arrangement forced, so the record shows both and what auto chose
 Modes: ``fwd`` (inference, under no_grad) and ``fwdbwd-AB`` / ``fwdbwd-B`` / ``fwdbwd-A`` (x requires grad, as in a
 middle layer; gradients taken with autograd.grad so nothing accumulates).  Each shape is also checked
 numerically against a float64 reference in the same run.
@@ -31,6 +32,8 @@ from utils import (bench_ms, environment, markdown_table, peak_mem_bytes, plot_r
                    saved_activation_bytes, write_csv)
 
 from lora_kernels import lora_linear, lora_linear_ref  # noqa: E402
+from lora_kernels.ops.fused_lora_linear import (ARRANGEMENTS, gemm_arrangement,  # noqa: E402
+                                                gemm_arrangement_report)
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,11 @@ def providers(base: nn.Linear, a, b, r: int, p: float, mode: str) -> Dict[str, t
     out["addmm"] = (addmm, trainable, [base.weight, base.bias, A, B])
     out["ours"] = (lambda x: lora_linear(x, base.weight, base.bias, A, B, scale, p), trainable,
                    [base.weight, base.bias, A, B])
+    for arrangement in ARRANGEMENTS:
+        def forced(x, arrangement=arrangement):
+            with gemm_arrangement(arrangement):
+                return lora_linear(x, base.weight, base.bias, A, B, scale, p)
+        out[f"ours-{arrangement}"] = (forced, trainable, [base.weight, base.bias, A, B])
     return out
 
 
@@ -181,6 +189,12 @@ def run(shapes, tokens, ranks, dropouts, modes, dtype, device, out_dir: Optional
                      for r in rows if r["provider"] != "linear"]
         plot_ratios(png, plot_rows, "case", "provider", "ratio", f"time / nn.Linear ({env['device']}, {dtype})")
         print(f"wrote {csv_path}" + (f" and {png}" if os.path.exists(png) else ""))
+        arr = [dict(zip(("pass", "device", "dtype", "m_bucket", "n", "k", "r", "bias", "dropout", "tma"), key), **v)
+               for key, v in gemm_arrangement_report().items()]
+        if arr:
+            write_csv(os.path.join(out_dir, f"lora_linear_{tag}_arrangements.csv"), arr)
+            print("GEMM arrangement measured by 'auto' (per pass and shape bucket):")
+            print(markdown_table(arr, list(arr[0].keys())))
     cols = ["shape", "tokens", "r", "dropout", "mode", "provider", "ms", "ratio", "tflops", "peak_mb", "saved_mb"]
     print(markdown_table(rows, cols))
     return rows

@@ -41,6 +41,13 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def kernels():
+    """A CPU test of a kernel detail (grid, arrangement): only meaningful on the Triton kernels themselves."""
+    if not triton_available_on_cpu():
+        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 set before import")
+
+
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element the kernels never write fails the comparison."""

@@ -6,6 +6,7 @@ Skipped cleanly on machines without CUDA (the ``gpu`` marker, resolved in confte
 import pytest
 import torch
 
+import lora_kernels.ops.fused_lora_linear as lora_ops
 from lora_kernels import dropout_mask, lora_linear, lora_linear_ref
 from tests.test_lora_linear import MODES, make_case, rel_err, run_and_compare
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(params=["autotune", "pinned"])
 def tuning(request, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1" if request.param == "autotune" else "0")
+    monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")  # "auto" could route a shape to split; that has its own tests
     return request.param
 
 
@@ -61,3 +63,34 @@ def test_gpu_dropout_mask_matches_cpu_interpreter_definition():
     m2 = dropout_mask(11, (513, 1000), 0.3, "cuda")
     assert torch.equal(m1, m2)
     assert abs(m1.float().mean().item() - 0.7) < 0.01
+
+
+@pytest.mark.parametrize("config", [c for c in (lora_ops.get_gemm_configs() if lora_ops.HAS_TRITON else [])
+                                    if c.kwargs["PERSISTENT"]],
+                         ids=lambda c: "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_persistent_configs(monkeypatch, config, p):
+    """Every persistent autotune candidate, pinned, on a shape with more tiles than SMs and ragged edges."""
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
+    monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")
+    meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    monkeypatch.setattr(lora_ops, "_pinned_gpu", lambda dtype: meta)
+    run_and_compare(*make_case(4000, 2048, 4104, 16, torch.bfloat16, "AB", True, device="cuda"), scale=0.5, p=p)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_split_arrangement(mode, p, dtype):
+    with lora_ops.gemm_arrangement("split"):
+        run_and_compare(*make_case(1000, 1024, 2816, 16, dtype, mode, True, device="cuda"), scale=0.5, p=p)
+
+
+def test_gpu_auto_arrangement_measures_and_is_correct(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_GEMM", "auto")
+    monkeypatch.setattr(lora_ops, "_measured", {})
+    run_and_compare(*make_case(2048, 1024, 1024, 16, torch.bfloat16, "AB", True, device="cuda"), scale=0.5, p=0.1)
+    report = lora_ops.gemm_arrangement_report()
+    assert {k[0] for k in report} == {"fwd", "dgrad"}
+    assert all(v["choice"] in ("fused", "split") and v["fused_ms"] > 0 and v["split_ms"] > 0
+               for v in report.values())

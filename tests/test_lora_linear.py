@@ -125,6 +125,103 @@ def test_gemm_path_choice_and_agreement(backend, monkeypatch, shape, tma):
         assert torch.allclose(o1.float(), o2.float(), rtol=2e-3, atol=2e-3)
 
 
+ARRANGEMENT_SHAPES = [(100, 64, 48, 16, True), (37, 96, 80, 5, False), (100, 70, 45, 16, True), (1, 16, 16, 1, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("shape", ARRANGEMENT_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_persistent_grid_matches_float64(kernels, monkeypatch, dtype, mode, p, shape):
+    """A persistent grid (3 programs walking 2-12 tiles unevenly, TMA and pointer paths) covers every tile once."""
+    monkeypatch.setattr(lora_ops, "_PINNED_INTERPRET", dict(lora_ops._PINNED_INTERPRET, PERSISTENT=True))
+    grids = []
+    orig = lora_ops._grid_size
+    monkeypatch.setattr(lora_ops, "_grid_size", lambda *a: grids.append((orig(*a), a[0], a[1])) or grids[-1][0])
+    n, d_in, d_out, r, bias = shape
+    run_and_compare(*make_case(n, d_in, d_out, r, dtype, mode, bias), scale=0.75, p=p)
+    assert grids and all(g == min(3, -(-m // 32) * -(-c // 32)) for g, m, c in grids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("shape", ARRANGEMENT_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_split_arrangement_matches_float64(kernels, dtype, mode, p, shape):
+    """The split arrangement (torch/cuBLAS base product, LoRA term added in place by the kernel, dropout mask in
+    the dgrad pass) against float64, like the fused one."""
+    n, d_in, d_out, r, bias = shape
+    with lora_ops.gemm_arrangement("split"):
+        run_and_compare(*make_case(n, d_in, d_out, r, dtype, mode, bias), scale=0.75, p=p)
+
+
+def test_arrangements_agree_and_are_really_used(kernels, monkeypatch):
+    """fused and split give the same outputs and gradients (same dropout mask), and each launches what it says:
+    split runs the kernel with BASE_IN_C and no bias, after a torch product; fused never does."""
+    launches = []
+    orig = lora_ops._gemm_launch
+    monkeypatch.setattr(lora_ops, "_gemm_launch", lambda *a: launches.append(a[-1]) or orig(*a))
+    x, w, b, a, bb = make_case(50, 64, 48, 8, torch.float32)
+    outs = {}
+    for name in ("fused", "split"):
+        with lora_ops.gemm_arrangement(name):
+            y = lora_linear(x, w, b, a, bb, 0.5, 0.3, seed=11)
+            outs[name] = [y] + list(torch.autograd.grad(y, [x, a, bb], torch.ones_like(y)))
+    assert launches == [False, False, True, True]  # forward + dgrad per arrangement
+    for o1, o2 in zip(outs["fused"], outs["split"]):
+        assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-5)
+
+
+def test_arrangement_setting_is_validated(backend, monkeypatch):
+    with pytest.raises(ValueError, match="gemm_arrangement name"):
+        with lora_ops.gemm_arrangement("cublas"):
+            pass
+    monkeypatch.setenv("LORA_KERNELS_GEMM", "fastest")
+    x, w, b, a, bb = make_case(5, 16, 16, 2, torch.float32)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="LORA_KERNELS_GEMM"):
+            lora_linear(x, w, b, a, bb, 1.0)
+    monkeypatch.setenv("LORA_KERNELS_GEMM", "split")
+    assert lora_ops._arrangement_setting() == "split"
+    with lora_ops.gemm_arrangement("fused"):
+        assert lora_ops._arrangement_setting() == "fused"  # the context manager wins over the environment
+    assert lora_ops._arrangement_setting() == "split"
+
+
+def test_auto_arrangement_measures_once_per_key(monkeypatch):
+    """"auto" times each candidate once per shape bucket, keeps the faster, and reuses the choice."""
+    timed = []
+    fake = {"fused": 1.3, "split": 0.9}
+    monkeypatch.setattr(lora_ops, "_measured", {})
+    monkeypatch.setattr(lora_ops, "_time_ms", lambda fn: timed.append(fn) or fake[fn()])
+    cands = {"fused": lambda: "fused", "split": lambda: "split"}
+    assert lora_ops._choose(("fwd", 0, "bf16", 8192), cands) == "split"
+    assert lora_ops._choose(("fwd", 0, "bf16", 8192), cands) == "split"
+    assert len(timed) == 2  # measured once
+    fake.update(fused=0.5)
+    assert lora_ops._choose(("dgrad", 0, "bf16", 8192), cands) == "fused"
+    report = lora_ops.gemm_arrangement_report()
+    assert report[("fwd", 0, "bf16", 8192)] == {"choice": "split", "fused_ms": 1.3, "split_ms": 0.9}
+    assert report[("dgrad", 0, "bf16", 8192)]["choice"] == "fused"
+
+
+def test_persistent_configs_pruned_to_tma_and_large_problems():
+    if not lora_ops.HAS_TRITON:
+        pytest.skip("needs triton")
+    probe = torch.empty(0, dtype=torch.bfloat16)
+    configs = lora_ops.get_gemm_configs()
+    assert any(c.kwargs["PERSISTENT"] for c in configs)
+
+    def persistent(m, n, tma):
+        kept = lora_ops._prune_gemm_configs(configs, {"M": m, "N": n, "a_ptr": probe}, USE_TMA=tma)
+        assert kept
+        return [c for c in kept if c.kwargs["PERSISTENT"]]
+
+    assert persistent(8192, 4096, True)             # 1024 tiles of 128×128 on 132 SMs
+    assert not persistent(8192, 4096, False)        # pointer loads: never persistent
+    assert not persistent(256, 512, True)           # 8 tiles: nothing to walk
+
+
 def test_rank_above_kernel_limit_takes_the_torch_path(backend, monkeypatch):
     """r > 256 (one shrink tile would need a 64×512 fp32 accumulator) runs the PyTorch path, still correct."""
     calls = []

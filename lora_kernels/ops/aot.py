@@ -103,8 +103,16 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
             for name, bias, drop, w_nk in (("gemm fwd", True, False, True), ("gemm dgrad", False, False, False),
                                            ("gemm dgrad dropout", False, True, False)):
                 out.append(Variant(f"{name}{' tma' if tma else ''}", ops._lora_gemm_kernel, dt,
-                                   dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BLOCK_R=16, USE_TMA=tma,
-                                        W_NK=w_nk, **tiles, **common), g["num_warps"], g["num_stages"]))
+                                   dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False, BLOCK_R=16,
+                                        USE_TMA=tma, W_NK=w_nk, **tiles, **ops._ONE_TILE, **common),
+                                   g["num_warps"], g["num_stages"]))
+        split = ops._PINNED_SPLIT_GPU
+        split_tiles = {k: split[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PERSISTENT")}
+        for name, drop, w_nk in (("split lora pass fwd", False, True), ("split lora pass dgrad dropout", True, False)):
+            out.append(Variant(name, ops._lora_gemm_kernel, dt,
+                               dict(HAS_BIAS=False, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=True, BLOCK_R=16,
+                                    USE_TMA=False, W_NK=w_nk, **split_tiles, **common),
+                               split["num_warps"], split["num_stages"]))
         for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False), ("wgrad dAT (in x r16)", 4096, 16, False),
                                     ("wgrad dAT dropout", 4096, 16, True), ("wgrad dAT r64 dropout", 4096, 64, True)):
             bp, bq, bm, warps = ops._wgrad_meta(pdim, q, drop, tdt)
@@ -126,9 +134,11 @@ def autotune_variants(dtype: str = "bf16") -> List[Variant]:
             for cfg in ops._prune_gemm_configs(ops.get_gemm_configs(), {"M": 8192, "N": 4096, "a_ptr": probe},
                                                **flags):
                 tiles = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                tiles += " persistent" if cfg.kwargs["PERSISTENT"] else ""
                 out.append(Variant(f"{name}{' tma' if tma else ''} [{tiles} w{cfg.num_warps} s{cfg.num_stages}]",
                                    ops._lora_gemm_kernel, dtype,
-                                   dict(HAS_BIAS=not drop, HAS_LORA=True, EPI_DROPOUT=drop, BLOCK_R=16, UPCAST=False,
+                                   dict(HAS_BIAS=not drop, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False,
+                                        BLOCK_R=16, UPCAST=False,
                                         INPUT_PRECISION="ieee", USE_TMA=tma, W_NK=not drop, **cfg.kwargs),
                                    cfg.num_warps, cfg.num_stages))
     return out

@@ -24,8 +24,11 @@ mask; only the seed (a Python int) is kept for backward.
 
 Trade-offs taken (no GPU was available when this was written; see docs/design.md for what to measure)
 ------------------------------------------------------------------------------------------------
-* The base GEMM is a classic tiled ``tl.dot`` loop with grouped (L2-friendly) tile order and per-shape-bucket
-  autotuning.  A persistent-grid / TMA variant is the next step once it can be timed against cuBLAS.
+* The base GEMM is a tiled ``tl.dot`` loop in grouped (L2-friendly) tile order, TMA-fed for aligned 16-bit shapes,
+  autotuned per shape bucket over one-tile-per-program and persistent (one program per SM) grids.
+* Where cuBLAS beats our GEMM, the "split" arrangement runs the base product in cuBLAS and adds the LoRA term in
+  place with the same kernel (``BASE_IN_C``).  ``LORA_KERNELS_GEMM=auto`` (default) measures both per shape bucket
+  on the first call and keeps the faster: the fused kernel is used only where it measures at least as fast.
 * t is stored in the input dtype, like PEFT's ``lora_B(lora_A(dropout(x)))``: it is what the epilogue dot and
   the dB reduction consume directly on the tensor cores.
 * fp64 is served by the PyTorch path (for gradcheck); the kernels serve fp32 / fp16 / bf16.
@@ -40,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -149,13 +152,24 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _lora_gemm_kernel(
-        a_ptr,     # [M, K]  x (forward) or g (dgrad)
-        w_ptr,     # [K, N]  as strides: Wᵀ (forward) or W (dgrad)
-        bias_ptr,  # [N]     (forward only)
-        t_ptr,     # [M, R]  t (forward) or gB (dgrad)
-        l_ptr,     # [R, N]  as strides: Bᵀ (forward) or A (dgrad)
-        c_ptr,     # [M, N]  output
+    def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of output tile ``tile_id`` in grouped order: GROUP_M row blocks sweep the columns
+        together, so the W tiles they share stay in L2."""
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _gemm_tile(
+        pid_m, pid_n,
+        a_ptr, w_ptr, bias_ptr, t_ptr, l_ptr, c_ptr,
+        a_desc, w_desc, c_desc,
         M, N, K, R,
         stride_am, stride_ak,
         stride_wk, stride_wn,
@@ -163,46 +177,15 @@ if HAS_TRITON:
         stride_lr, stride_ln,
         stride_cm, stride_cn,
         seed, threshold,
-        M_BUCKET,  # autotune key only: a new token count in the same bucket does not retune
-        HAS_BIAS: tl.constexpr,
-        HAS_LORA: tl.constexpr,
-        EPI_DROPOUT: tl.constexpr,
-        UPCAST: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        USE_TMA: tl.constexpr,
-        W_NK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EPI_DROPOUT: tl.constexpr, BASE_IN_C: tl.constexpr,
+        UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_NK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        GROUP_M: tl.constexpr,
     ):
-        """c = a @ w (+ bias) + keep ⊙ (t @ l), fp32 accumulation, one BLOCK_M×BLOCK_N tile per program.
-
-        The LoRA scale (and 1/(1-p)) is already folded into t by the shrink kernel, so the LoRA term shares the
-        base GEMM's accumulator: no second BLOCK_M×BLOCK_N fp32 tile (that one cost a spill at 128×128 on sm_90).
-        keep[m, n] is the dropout mask at (m, n) of the M×N output (EPI_DROPOUT, used by dgrad, where the output
-        is N_tokens × in, the same index space as the forward's x).  With the mask, the short LoRA product is
-        computed first and masked, so the Philox registers are dead before the main loop starts.
-
-        USE_TMA: the main loop and the store go through tensor descriptors (the copy engine computes addresses
-        and zero-fills out-of-bounds rows, so no masks): 154 registers and no spill at 128×256 on sm_90, where
-        pointer loads need 255 registers and a 544-byte stack.  Needs unit inner strides and 16-byte aligned
-        rows (the launcher checks).  W_NK: w's memory is [N, K] with unit stride along K (forward: W itself),
-        so its tile is loaded as [BLOCK_N, BLOCK_K] and transposed; otherwise it is [K, N] (dgrad).
-        """
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
+        """One BLOCK_M×BLOCK_N output tile of ``_lora_gemm_kernel`` (see there)."""
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
-        kk = tl.arange(0, BLOCK_K).to(tl.int64)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_LORA and EPI_DROPOUT:
@@ -210,17 +193,14 @@ if HAS_TRITON:
                              stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
             keep = _dropout_keep(seed, rows, pid_n.to(tl.int64) * BLOCK_N, N, threshold.to(tl.uint32), BLOCK_N)
             acc = tl.where(keep, acc, tl.zeros_like(acc))
-        if USE_TMA:
+        if BASE_IN_C:
+            # The base product is already in c (cuBLAS wrote it): read it instead of the main loop.
+            c_in = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += c_in.to(tl.float32)
+        elif USE_TMA:
             row0 = pid_m * BLOCK_M
             col0 = pid_n * BLOCK_N
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
-            if W_NK:
-                w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
-                                                   block_shape=[BLOCK_N, BLOCK_K])
-            else:
-                w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
-                                                   block_shape=[BLOCK_K, BLOCK_N])
             for k0 in range(0, K, BLOCK_K):
                 a = a_desc.load([row0, k0])
                 if W_NK:
@@ -232,6 +212,7 @@ if HAS_TRITON:
                     w = w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         else:
+            kk = tl.arange(0, BLOCK_K).to(tl.int64)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + kk
                 k_ok = ks < K
@@ -251,12 +232,92 @@ if HAS_TRITON:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]
         if USE_TMA:
-            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_N])
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
         else:
             tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
                      acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _lora_gemm_kernel(
+        a_ptr,     # [M, K]  x (forward) or g (dgrad)
+        w_ptr,     # [K, N]  as strides: Wᵀ (forward) or W (dgrad)
+        bias_ptr,  # [N]     (forward only)
+        t_ptr,     # [M, R]  t (forward) or gB (dgrad)
+        l_ptr,     # [R, N]  as strides: Bᵀ (forward) or A (dgrad)
+        c_ptr,     # [M, N]  output (and input, with BASE_IN_C)
+        M, N, K, R,
+        stride_am, stride_ak,
+        stride_wk, stride_wn,
+        stride_tm, stride_tr,
+        stride_lr, stride_ln,
+        stride_cm, stride_cn,
+        seed, threshold,
+        M_BUCKET,  # autotune key only: a new token count in the same bucket does not retune
+        HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        EPI_DROPOUT: tl.constexpr,
+        BASE_IN_C: tl.constexpr,
+        UPCAST: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        USE_TMA: tl.constexpr,
+        W_NK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        PERSISTENT: tl.constexpr,
+    ):
+        """c = a @ w (+ bias) + keep ⊙ (t @ l), fp32 accumulation, BLOCK_M×BLOCK_N output tiles.
+
+        The LoRA scale (and 1/(1-p)) is already folded into t by the shrink kernel, so the LoRA term shares the
+        base GEMM's accumulator: no second BLOCK_M×BLOCK_N fp32 tile (that one cost a spill at 128×128 on sm_90).
+        keep[m, n] is the dropout mask at (m, n) of the M×N output (EPI_DROPOUT, used by dgrad, where the output
+        is N_tokens × in, the same index space as the forward's x).  With the mask, the short LoRA product is
+        computed first and masked, so the Philox registers are dead before the main loop starts.
+
+        USE_TMA: the main loop and the store go through tensor descriptors (the copy engine computes addresses
+        and zero-fills out-of-bounds rows, so no masks): 154 registers and no spill at 128×256 on sm_90, where
+        pointer loads need 255 registers and a 544-byte stack.  Needs unit inner strides and 16-byte aligned
+        rows (the launcher checks).  W_NK: w's memory is [N, K] with unit stride along K (forward: W itself),
+        so its tile is loaded as [BLOCK_N, BLOCK_K] and transposed; otherwise it is [K, N] (dgrad).
+
+        PERSISTENT: the grid is at most one program per SM and each program walks the tiles
+        pid, pid + grid, ... (grouped order), so one tile's epilogue and TMA store overlap the next tile's
+        loads, and the grid has no partial last wave.  (``tl.range(..., flatten=True)`` produced byte-identical
+        PTX for sm_90 with triton 3.6, so it is not offered.)  Otherwise one tile per program.
+
+        BASE_IN_C: c already holds a @ w (+ bias), computed by cuBLAS; the kernel adds keep ⊙ (t @ l) in place.
+        This is the "split" arrangement the launcher falls back to where cuBLAS measures faster than our GEMM.
+        """
+        if USE_TMA:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+            if W_NK:
+                w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_K])
+            else:
+                w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                                   block_shape=[BLOCK_K, BLOCK_N])
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N])
+        else:
+            a_desc = 0
+            w_desc = 0
+            c_desc = 0
+        if PERSISTENT:
+            num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+            for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                _gemm_tile(pid_m, pid_n, a_ptr, w_ptr, bias_ptr, t_ptr, l_ptr, c_ptr, a_desc, w_desc, c_desc,
+                           M, N, K, R, stride_am, stride_ak, stride_wk, stride_wn, stride_tm, stride_tr,
+                           stride_lr, stride_ln, stride_cm, stride_cn, seed, threshold,
+                           HAS_BIAS, HAS_LORA, EPI_DROPOUT, BASE_IN_C, UPCAST, INPUT_PRECISION, USE_TMA, W_NK,
+                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        else:
+            pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _gemm_tile(pid_m, pid_n, a_ptr, w_ptr, bias_ptr, t_ptr, l_ptr, c_ptr, a_desc, w_desc, c_desc,
+                       M, N, K, R, stride_am, stride_ak, stride_wk, stride_wn, stride_tm, stride_tr,
+                       stride_lr, stride_ln, stride_cm, stride_cn, seed, threshold,
+                       HAS_BIAS, HAS_LORA, EPI_DROPOUT, BASE_IN_C, UPCAST, INPUT_PRECISION, USE_TMA, W_NK,
+                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     @triton.jit
     def _lora_wgrad_kernel(
@@ -312,17 +373,26 @@ if HAS_TRITON:
 
     # IEEE fp32 runs on the FMA units: small tiles only (the 16-bit ones spill or exceed shared memory there).
     _FP32_TILES = {(64, 64, 32), (128, 64, 32), (64, 128, 32)}
+    # Persistent candidates (TMA only): the large tiles, where one program fills an SM's shared memory anyway.
+    _PERSISTENT_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 
     def get_gemm_configs():
-        """Candidate tiles for the fused GEMM on Hopper/Ampere; pruned per shape by ``_prune_gemm_configs``."""
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=4,
-                                 num_stages=3) for bm, bn, bk in sorted(_FP32_TILES)]
+        """Candidate tiles for the fused GEMM on Hopper/Ampere; pruned per shape by ``_prune_gemm_configs``.
+
+        Each 16-bit tile comes one-tile-per-program and, for the large TMA tiles, persistent (one program per SM
+        walking the tiles); the autotuner measures both per shape bucket."""
+        def cfg(bm, bn, bk, warps, stages, persistent=False):
+            return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": persistent},
+                                 num_warps=warps, num_stages=stages)
+
+        configs = [cfg(bm, bn, bk, 4, 3) for bm, bn, bk in sorted(_FP32_TILES)]
         for bm, bn, bk, warps, stages in [
             (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
         ]:
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                         num_warps=warps, num_stages=stages))
+            configs.append(cfg(bm, bn, bk, warps, stages))
+        for bm, bn, bk, warps, stages in _PERSISTENT_TILES:
+            configs.append(cfg(bm, bn, bk, warps, stages, persistent=True))
         return configs
 
     # Tiles whose pointer-load form spills on sm_90 (lora_kernels.ops.aot): used only with TMA.
@@ -331,7 +401,8 @@ if HAS_TRITON:
     def _prune_gemm_configs(configs, named_args, **kwargs):
         """Drop tiles larger than the problem, and tiles that spill on sm_90 for this variant (aot report):
         pointer loads at the TMA-only tiles or at 128×128 with 4 warps; the masked dgrad (Philox in the
-        epilogue) above 64 accumulator elements per thread."""
+        epilogue) above 64 accumulator elements per thread.  Persistent tiles only with TMA, and only when
+        there are more tiles than SMs (otherwise they are the same launch with a loop around it)."""
         def flag(name):
             return kwargs.get(name, named_args.get(name, False))
 
@@ -339,6 +410,7 @@ if HAS_TRITON:
         use_tma, masked = flag("USE_TMA"), flag("EPI_DROPOUT")
         a = named_args.get("a_ptr")
         fp32 = getattr(a, "dtype", None) == torch.float32 and flag("INPUT_PRECISION") == "ieee"
+        num_sms = _sm_count(a.device) if getattr(a, "is_cuda", False) else 132  # (132: the H100 SXM, for aot)
         keep = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -349,14 +421,17 @@ if HAS_TRITON:
                 continue
             if not use_tma and ((bm, bn) in _TMA_ONLY_TILES or (c.num_warps == 4 and bm * bn >= 128 * 128)):
                 continue
+            if c.kwargs["PERSISTENT"] and (not use_tma or triton.cdiv(m, bm) * triton.cdiv(n, bn) <= num_sms):
+                continue
             if masked and per_thread > 64:
                 continue
             keep.append(c)
-        return keep or configs[-1:]
+        return keep or [c for c in configs if not c.kwargs["PERSISTENT"]][-1:]
 
     _lora_gemm_kernel_tuned = triton.autotune(
         configs=get_gemm_configs(),
-        key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "EPI_DROPOUT", "HAS_BIAS", "USE_TMA", "W_NK", "INPUT_PRECISION"],
+        key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "EPI_DROPOUT", "HAS_BIAS", "BASE_IN_C", "USE_TMA", "W_NK",
+             "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_gemm_configs},
     )(_lora_gemm_kernel)
 
@@ -367,11 +442,17 @@ if HAS_TRITON:
 
 # Pinned tiles: used under the interpreter (small, so odd test shapes cross several tiles) and on the GPU
 # when autotuning is switched off with LORA_KERNELS_AUTOTUNE=0 (tests).
-_PINNED_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-_PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_ONE_TILE = dict(PERSISTENT=False)
+_PINNED_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, **_ONE_TILE)
+_PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, **_ONE_TILE)
 # IEEE fp32 runs on the FMA units, not the tensor cores: the 16-bit tile above needs a 6.8 KB stack there
 # (offline sm_90 compile report), so fp32 gets a smaller one.
-_PINNED_GPU_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+_PINNED_GPU_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, **_ONE_TILE)
+# The split arrangement's LoRA pass (BASE_IN_C: no main loop, memory-bound): 8 warps (4 spilled 128 B on sm_90),
+# the masked-epilogue budget.  BLOCK_K is unused there.
+_PINNED_SPLIT_GPU = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2, **_ONE_TILE)
+# Persistent grid under the interpreter: fewer programs than tiles, so each walks several, unevenly.
+_INTERPRET_PROGRAMS = 3
 
 
 def _pinned_gpu(dtype: torch.dtype) -> dict:
@@ -493,19 +574,20 @@ def _use_tma(a2d, w, c) -> bool:
     return True
 
 
-def _gemm(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
-    """c[M, n] = a2d @ w (+ bias) + keep ⊙ (t @ l); keep only if epi_dropout.
+def _grid_size(m: int, n: int, meta: dict, device: torch.device) -> int:
+    tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+    if not meta["PERSISTENT"]:
+        return tiles
+    return min(tiles, _INTERPRET_PROGRAMS if interpreter_enabled() else _sm_count(device))
 
-    w is W itself: read as Wᵀ ([K, N] view of an [N, K] tensor) when w_nk (forward), as W ([K, N]) otherwise.
-    l is given as (tensor, strides of its [R, N] view).
-    """
+
+def _gemm_launch(a2d, w, w_nk, bias, t, l, l_strides, c, seed, p, epi_dropout, base_in_c):
+    """Launches ``_lora_gemm_kernel`` into c [M, N].  base_in_c: c already holds a2d @ w (+ bias)."""
     m, k = a2d.shape
+    n = c.shape[1]
     r = t.shape[1]
-    c = _empty((m, n), a2d.device, a2d.dtype)
-    if m == 0 or n == 0:
-        return c
     w_strides = (w.stride(1), w.stride(0)) if w_nk else (w.stride(0), w.stride(1))
-    has_bias = bias is not None
+    has_bias = bias is not None and not base_in_c
     if has_bias:
         bias = bias.contiguous()  # the kernel reads it with unit stride
     args = (
@@ -515,17 +597,114 @@ def _gemm(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
         l_strides[0], l_strides[1], c.stride(0), c.stride(1),
         seed, _dropout_threshold(p), min(triton.next_power_of_2(m), 16384) // 64,
     )
-    flags = dict(HAS_BIAS=has_bias, HAS_LORA=r > 0, EPI_DROPOUT=epi_dropout and p > 0.0,
+    flags = dict(HAS_BIAS=has_bias, HAS_LORA=r > 0, EPI_DROPOUT=epi_dropout and p > 0.0, BASE_IN_C=base_in_c,
                  UPCAST=_upcast(a2d.dtype), INPUT_PRECISION=_input_precision(a2d.dtype), BLOCK_R=_block_r(r),
-                 USE_TMA=_use_tma(a2d, w, c), W_NK=w_nk)
-    if _autotune_enabled():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+                 USE_TMA=not base_in_c and _use_tma(a2d, w, c), W_NK=w_nk)
+    if _autotune_enabled() and not base_in_c:
+        grid = lambda meta: (_grid_size(m, n, meta, a2d.device),)  # noqa: E731
         _lora_gemm_kernel_tuned[grid](*args, **flags)
     else:
-        meta = _PINNED_INTERPRET if interpreter_enabled() else _pinned_gpu(a2d.dtype)
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _lora_gemm_kernel[grid](*args, **flags, **meta)
+        if interpreter_enabled():
+            meta = _PINNED_INTERPRET
+        else:
+            meta = _PINNED_SPLIT_GPU if base_in_c else _pinned_gpu(a2d.dtype)
+        _lora_gemm_kernel[(_grid_size(m, n, meta, a2d.device),)](*args, **flags, **meta)
     return c
+
+
+def _gemm_fused(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
+    c = _empty((a2d.shape[0], n), a2d.device, a2d.dtype)
+    return _gemm_launch(a2d, w, w_nk, bias, t, l, l_strides, c, seed, p, epi_dropout, False)
+
+
+def _gemm_split(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
+    """The base product by cuBLAS (addmm, bias included), then the LoRA term added in place by our kernel."""
+    c = torch.nn.functional.linear(a2d, w, bias) if w_nk else a2d @ w
+    return _gemm_launch(a2d, w, w_nk, bias, t, l, l_strides, c, seed, p, epi_dropout, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMM arrangement: fused (one kernel) or split (cuBLAS + in-place LoRA pass), measured per shape bucket
+# ----------------------------------------------------------------------------------------------------------
+
+ARRANGEMENTS = ("fused", "split")
+_ARRANGEMENT_ENV = "LORA_KERNELS_GEMM"
+_forced_arrangement: Optional[str] = None
+_measured: Dict[tuple, dict] = {}
+
+
+def _arrangement_setting() -> str:
+    if _forced_arrangement is not None:
+        return _forced_arrangement
+    value = os.environ.get(_ARRANGEMENT_ENV, "auto")
+    if value not in ARRANGEMENTS + ("auto",):
+        raise ValueError(f"{_ARRANGEMENT_ENV} must be 'auto', 'fused' or 'split', got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def gemm_arrangement(name: str):
+    """Force the GEMM arrangement inside a ``with`` block: "fused" (our kernel does the base GEMM and the LoRA
+    term), "split" (cuBLAS does the base GEMM, our kernel adds the LoRA term in place) or "auto" (the default:
+    measured once per shape bucket on CUDA, fused elsewhere).  The environment variable LORA_KERNELS_GEMM sets
+    the same thing process-wide."""
+    global _forced_arrangement
+    if name not in ARRANGEMENTS + ("auto",):
+        raise ValueError(f"gemm_arrangement name must be 'auto', 'fused' or 'split', got {name!r}")
+    previous, _forced_arrangement = _forced_arrangement, name
+    try:
+        yield
+    finally:
+        _forced_arrangement = previous
+
+
+def gemm_arrangement_report() -> Dict[tuple, dict]:
+    """What "auto" measured: {(pass, device, dtype, M bucket, N, K, r, bias, dropout, tma): {"choice",
+    "fused_ms", "split_ms"}} for every GEMM shape met so far in this process."""
+    return {k: dict(v) for k, v in _measured.items()}
+
+
+def _time_ms(fn) -> float:
+    import triton.testing
+
+    fn()  # compilation and autotuning stay outside the measurement
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+def _choose(key: tuple, candidates: Dict[str, object]) -> str:
+    """The faster arrangement for ``key``, timed once per process (do_bench medians, as the autotuner does)."""
+    hit = _measured.get(key)
+    if hit is not None:
+        return hit["choice"]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "fused"  # no timing inside a CUDA graph capture; not cached, so a later eager call measures
+    times = {name: _time_ms(fn) for name, fn in candidates.items()}
+    choice = min(times, key=times.get)
+    _measured[key] = dict(choice=choice, **{f"{name}_ms": ms for name, ms in times.items()})
+    return choice
+
+
+def _gemm(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
+    """c[M, n] = a2d @ w (+ bias) + keep ⊙ (t @ l); keep only if epi_dropout.
+
+    w is W itself: read as Wᵀ ([K, N] view of an [N, K] tensor) when w_nk (forward), as W ([K, N]) otherwise.
+    l is given as (tensor, strides of its [R, N] view).  The arrangement (fused / split) follows
+    ``_arrangement_setting``; "auto" measures both on first use of each shape bucket on CUDA.
+    """
+    m = a2d.shape[0]
+    if m == 0 or n == 0:
+        return _empty((m, n), a2d.device, a2d.dtype)
+    call = (a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout)
+    setting = _arrangement_setting()
+    if setting == "auto":
+        if interpreter_enabled() or not a2d.is_cuda:
+            setting = "fused"
+        else:
+            key = ("fwd" if w_nk else "dgrad", a2d.device.index, str(a2d.dtype).replace("torch.", ""),
+                   min(triton.next_power_of_2(m), 16384), n, a2d.shape[1], t.shape[1], bias is not None,
+                   epi_dropout and p > 0.0, (n * a2d.element_size()) % 16 == 0 and _use_tma(a2d, w, a2d))
+            setting = _choose(key, {"fused": lambda: _gemm_fused(*call), "split": lambda: _gemm_split(*call)})
+    return _gemm_fused(*call) if setting == "fused" else _gemm_split(*call)
 
 
 def _wgrad_meta(pdim: int, q: int, dropout: bool, dtype: torch.dtype):
