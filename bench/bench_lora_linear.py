@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import (bench_ms, environment, markdown_table, peak_mem_bytes, plot_ratios,  # noqa: E402
+from utils import (Budget, bench_ms, environment, markdown_table, peak_mem_bytes, plot_ratios,  # noqa: E402
                    saved_activation_bytes, write_csv)
 
 from lora_kernels import lora_linear, lora_linear_ref  # noqa: E402
@@ -161,29 +161,38 @@ def check_numerics(base, a, b, x, g, p) -> Dict[str, float]:
     return errs
 
 
-def run(shapes, tokens, ranks, dropouts, modes, dtype, device, out_dir: Optional[str], tag: str) -> List[dict]:
+def run(shapes, tokens, ranks, dropouts, modes, dtype, device, out_dir: Optional[str], tag: str,
+        budget: Optional[Budget] = None) -> List[dict]:
+    """Cases run in the order given (most important first); each case's rows are appended to the CSV as soon as
+    it finishes, so an interrupted run keeps what it measured."""
     rows: List[dict] = []
+    budget = budget or Budget()
     env = environment()
     print(f"# bench_lora_linear  {env}")
+    csv_path = os.path.join(out_dir, f"lora_linear_{tag}.csv") if out_dir else None
     for shape in shapes:
         for n in tokens:
             for r in ranks:
                 for p in dropouts:
+                    if not budget.allows(f"{shape.name} N={n} r={r} p={p}"):
+                        continue
                     base, a, b, x, g = build_case(shape, n, r, p, dtype, device)
                     errs = check_numerics(base, a, b, x, g, p)
                     print(f"{shape.name} N={n} r={r} p={p}: rel err ours/torch "
                           + " ".join(f"{k}={errs['err_' + k]:.2e}/{errs['err_torch_' + k]:.2e}"
                                      for k in ("y", "dx", "dA", "dB")))
+                    case_rows = []
                     for mode in modes:
                         if mode == "fwd" and p > 0:
                             continue  # inference has no dropout
-                        rows += _time_mode(shape, n, r, p, mode, base, a, b, x, g, errs)
+                        case_rows += _time_mode(shape, n, r, p, mode, base, a, b, x, g, errs)
+                    rows += case_rows
+                    if csv_path:
+                        write_csv(csv_path, case_rows)
                     del base, a, b, x, g
                     if device == "cuda":
                         torch.cuda.empty_cache()
-    if out_dir:
-        csv_path = os.path.join(out_dir, f"lora_linear_{tag}.csv")
-        write_csv(csv_path, rows)
+    if out_dir and rows:
         png = os.path.join(out_dir, f"lora_linear_{tag}.png")
         plot_rows = [dict(r, case=f"{r['shape'].split()[0]} N{r['tokens']} r{r['r']} p{r['dropout']} {r['mode']}")
                      for r in rows if r["provider"] != "linear"]
@@ -197,6 +206,7 @@ def run(shapes, tokens, ranks, dropouts, modes, dtype, device, out_dir: Optional
             print(markdown_table(arr, list(arr[0].keys())))
     cols = ["shape", "tokens", "r", "dropout", "mode", "provider", "ms", "ratio", "tflops", "peak_mb", "saved_mb"]
     print(markdown_table(rows, cols))
+    print(f"# {budget.summary()}")
     return rows
 
 
@@ -234,6 +244,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run exercising the script")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default=None, help="CSV/PNG name suffix (default: quick/full/smoke)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new case after this many seconds (0: no limit); skipped cases are listed")
     args = ap.parse_args(argv)
     if args.smoke:
         shapes, tokens, ranks, dropouts = (Shape("tiny 64→48", 64, 48),), (37,), (4,), (0.0, 0.1)
@@ -247,7 +259,7 @@ def main(argv=None):
         else:
             shapes, tokens, ranks, dropouts = LLAMA2_7B, (2048, 8192, 16384), (8, 16, 64), (0.0, 0.1)
     tag = args.tag or ("smoke" if args.smoke else "quick" if args.quick else "full")
-    return run(shapes, tokens, ranks, dropouts, MODES, dtype, device, args.out, tag)
+    return run(shapes, tokens, ranks, dropouts, MODES, dtype, device, args.out, tag, Budget(args.budget_s))
 
 
 if __name__ == "__main__":

@@ -1,38 +1,86 @@
 #!/usr/bin/env bash
-# One GPU run, one command: build (with the CUDA extension), GPU tests, benchmarks; everything logged and packed
-# into one archive.  Ordered by value per minute, so a session that runs out of time still returns the most
-# important numbers.
-#   bash bench/gpu_session.sh [OUTDIR]      (OUTDIR defaults to ./gpu_results)
-# Budget on an H100 (estimates, to be replaced by measurements): build 2 min, GPU tests 3 min, kernel bench quick
-# 3 min, rsvd bench 4 min, e2e bench 4 min.
+# GPU checks and benchmarks in budgeted steps, everything logged and packed into one archive per call.
+#
+#   bash bench/gpu_session.sh OUTDIR [STEP ...]       STEP in: build lora rsvd e2e tests   (default: all five)
+#
+# Each call must end inside a wall-clock limit (LIMIT_S, default 570 s), so each step gets a budget, is cut by
+# `timeout` before the limit, and the benchmarks themselves stop starting new cases when their budget is spent
+# (they append every finished case to their CSV, so a cut run keeps what it measured).  The archive is written
+# last, always: OUTDIR/gpu_<steps>.tar.gz.  Steps that need the package build it first if it is not built.
+#
+# Planned use with 30 minutes of GPU time in 10-minute commands (estimates, to be replaced by measurements):
+#   call 1:  build lora rsvd     (build ~2 min, lora 200 s, rsvd 240 s)
+#   call 2:  build e2e tests     (build skipped when the machine is still warm; e2e 240 s, tests 240 s)
+# Step budgets can be overridden: BUDGET_LORA, BUDGET_RSVD, BUDGET_E2E, BUDGET_TESTS (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_results}"
-mkdir -p "$out/run"
-log="$out/run/session.log"
+shift || true
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build lora rsvd e2e tests)
+limit="${LIMIT_S:-570}"
+start=$(date +%s)
+name="gpu_$(IFS=_; echo "${steps[*]}")"
+run_dir="$out/$name"
+mkdir -p "$run_dir"
+log="$run_dir/session.log"
 export PYTHONUNBUFFERED=1
-step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
+step() { echo "=== $(date -u +%H:%M:%S) +$(( $(date +%s) - start ))s $*" | tee -a "$log"; }
+left() { echo $(( limit - ($(date +%s) - start) )); }
+# budget NAME DEFAULT: the step's budget, never more than what is left minus a 40 s reserve for packing
+budget() { local b="$2" l; l=$(( $(left) - 40 )); [ "$l" -lt "$b" ] && b="$l"; [ "$b" -lt 0 ] && b=0; echo "$b"; }
+
+built() { python3 -c "import lora_kernels as lk, sys; sys.exit(0 if lk.has_extension('cuda') else 1)" 2>/dev/null; }
+do_build() {
+  if built; then echo "already built (CUDA extension present)" | tee -a "$log"; return; fi
+  TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 timeout "$(budget build 300)" \
+    python3 -m pip install --no-build-isolation --no-deps -e . >"$run_dir/build.log" 2>&1
+  echo "build rc=$?" | tee -a "$log"
+  python3 -c "import lora_kernels as lk; print('has_extension cpu', lk.has_extension('cpu'), 'cuda', lk.has_extension('cuda'))" 2>&1 | tee -a "$log"
+}
 
 step "environment"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee -a "$log"
 
-step "build (CUDA extension)"
-python3 -m pip install --no-build-isolation --no-deps -e . >"$out/run/build.log" 2>&1
-python3 -c "import lora_kernels as lk; print('has_extension cpu', lk.has_extension('cpu'), 'cuda', lk.has_extension('cuda'))" 2>&1 | tee -a "$log"
-
-step "GPU tests (pinned tiles, then the autotuned path inside the tests)"
-timeout 600 python3 -m pytest tests -q -m gpu -x -p no:cacheprovider >"$out/run/gpu_tests.log" 2>&1; echo "gpu tests rc=$?" | tee -a "$log"
-tail -5 "$out/run/gpu_tests.log" | tee -a "$log"
-
-step "kernel benchmark: target configuration (bench_lora_linear --quick)"
-timeout 900 python3 bench/bench_lora_linear.py --quick --out "$out/run" >"$out/run/bench_lora_linear.log" 2>&1; echo "rc=$?" | tee -a "$log"
-
-step "batched randomized SVD benchmark"
-timeout 900 python3 bench/bench_rsvd.py --out "$out/run" >"$out/run/bench_rsvd.log" 2>&1; echo "rc=$?" | tee -a "$log"
-
-step "end-to-end training step vs PEFT"
-timeout 900 python3 bench/bench_e2e.py --out "$out/run" >"$out/run/bench_e2e.log" 2>&1; echo "rc=$?" | tee -a "$log"
+for s in "${steps[@]}"; do
+  case "$s" in
+    build)
+      step "build (CUDA extension, sm_90 only)"; do_build ;;
+    lora)
+      built || do_build
+      b=$(budget lora "${BUDGET_LORA:-200}")
+      step "kernel benchmark, target configuration (bench_lora_linear --quick), budget ${b}s"
+      timeout $(( b + 120 )) python3 bench/bench_lora_linear.py --quick --budget-s "$b" --out "$run_dir" \
+        >"$run_dir/bench_lora_linear.log" 2>&1; echo "rc=$?" | tee -a "$log"
+      grep -E "^# |rel err" "$run_dir/bench_lora_linear.log" | tail -8 | tee -a "$log" ;;
+    rsvd)
+      built || do_build
+      b=$(budget rsvd "${BUDGET_RSVD:-240}")
+      step "batched randomized SVD benchmark, budget ${b}s"
+      timeout $(( b + 90 )) python3 bench/bench_rsvd.py --budget-s "$b" --out "$run_dir" \
+        >"$run_dir/bench_rsvd.log" 2>&1; echo "rc=$?" | tee -a "$log"
+      grep -E "^# " "$run_dir/bench_rsvd.log" | tail -3 | tee -a "$log" ;;
+    e2e)
+      built || do_build
+      b=$(budget e2e "${BUDGET_E2E:-240}")
+      step "end-to-end training step vs PEFT, budget ${b}s"
+      timeout $(( b + 90 )) python3 bench/bench_e2e.py --budget-s "$b" --out "$run_dir" \
+        >"$run_dir/bench_e2e.log" 2>&1; echo "rc=$?" | tee -a "$log"
+      grep -E "speed-up|out of memory|^# " "$run_dir/bench_e2e.log" | tee -a "$log" ;;
+    tests)
+      built || do_build
+      b=$(budget tests "${BUDGET_TESTS:-240}")
+      step "GPU tests (kernels first; the benchmark test is skipped: the benchmarks ran above), timeout ${b}s"
+      timeout "$b" python3 -m pytest tests/test_gpu.py tests/test_rsvd.py tests/test_compile.py -m gpu -v --tb=short \
+        -p no:cacheprovider >"$run_dir/gpu_tests.log" 2>&1; echo "gpu tests rc=$? (124: cut by the timeout)" | tee -a "$log"
+      grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$run_dir/gpu_tests.log" | tail -15 | tee -a "$log" ;;
+    *)
+      echo "unknown step '$s' (steps: build lora rsvd e2e tests)" | tee -a "$log" ;;
+  esac
+done
 
 step "pack"
-tar -czf "$out/gpu_session_results.tar.gz" -C "$out" run && rm -rf "$out/run"
+tar -czf "$out/$name.tar.gz" -C "$out" "$name" && rm -rf "$run_dir"
 ls -la "$out"

@@ -16,19 +16,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--spectra", default="i^-0.5,i^-1,i^-2", help="comma-separated subset of i^-0.5,i^-1,i^-2")
+    ap.add_argument("--mults", default="2,3,4,6", help="k as multiples of the rank")
+    ap.add_argument("--iters", default="2,4,6,8,10", help="niter values")
     args = ap.parse_args(argv)
     n, r = args.size, args.rank
     g = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))[0]
     V = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))[0]
     i = torch.arange(1, n + 1, dtype=torch.float64)
-    iters = (2, 4, 6, 8, 10)
+    iters = [int(q) for q in args.iters.split(",")]
     print(f"# {n}x{n} fp32, rank {r}: worst sinΘ of 3 draws; passes over A = 2 + 2·niter")
     print("| spectrum | k | " + " | ".join(f"niter={q} ({2 + 2 * q} passes)" for q in iters) + " |")
     print("|---|---|" + "---|" * len(iters))
-    for name, power in (("i^-0.5", -0.5), ("i^-1", -1.0), ("i^-2", -2.0)):
-        A = ((U * i**power) @ V.t()).float()
-        for mult in (2, 3, 4, 6):
+    powers = {"i^-0.5": -0.5, "i^-1": -1.0, "i^-2": -2.0}
+    for name in args.spectra.split(","):
+        A = ((U * i**powers[name]) @ V.t()).float()
+        for mult in [int(x) for x in args.mults.split(",")]:
             k = mult * r
             cells = []
             for q in iters:

@@ -32,6 +32,32 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 200) -
     return statistics.median(times)
 
 
+class Budget:
+    """Wall-clock budget for a benchmark run: cases are ordered most important first, and once the budget is
+    spent the remaining ones are skipped (and listed) instead of being killed half-written by an outer timeout."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = float(seconds or 0.0)
+        self.start = time.perf_counter()
+        self.skipped: List[str] = []
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, case: str) -> bool:
+        """True if ``case`` may start; otherwise records it as skipped."""
+        if self.seconds and self.spent() > self.seconds:
+            self.skipped.append(case)
+            return False
+        return True
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"all cases ran in {self.spent():.0f} s"
+        return (f"budget of {self.seconds:.0f} s spent after {self.spent():.0f} s; skipped {len(self.skipped)} "
+                f"case(s): " + "; ".join(self.skipped))
+
+
 def peak_mem_bytes(fn: Callable[[], object]) -> int:
     """Peak CUDA memory allocated by ``fn()`` above what was allocated before it (0 on CPU)."""
     if not torch.cuda.is_available():

@@ -13,20 +13,26 @@ from tests.test_lora_linear import MODES, make_case, rel_err, run_and_compare
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(params=["autotune", "pinned"])
-def tuning(request, monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1" if request.param == "autotune" else "0")
+def _tuned(monkeypatch, tuning):
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1" if tuning == "autotune" else "0")
     monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")  # "auto" could route a shape to split; that has its own tests
-    return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+GPU_SHAPES = [(1000, 1024, 2816, 16, True), (777, 4096, 1000, 100, False), (4096, 512, 512, 256, True),
+              (1, 4096, 4096, 7, True)]
+# Pinned tiles for every dtype; the autotuned path for bf16 (each new autotune key compiles ~10 candidates, about
+# 10 s, so the full dtype × autotune product would not fit a GPU session).  Every 16-bit candidate is also run
+# pinned in test_gpu_every_autotune_candidate.
+TUNED_DTYPES = [("pinned", torch.bfloat16), ("pinned", torch.float16), ("pinned", torch.float32),
+                ("autotune", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("tuning, dtype", TUNED_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("shape", [(1000, 1024, 2816, 16, True), (777, 4096, 1000, 100, False),
-                                   (4096, 512, 512, 256, True), (1, 4096, 4096, 7, True)],
-                         ids=lambda s: "x".join(map(str, s[:4])))
-def test_gpu_matches_float64(tuning, dtype, mode, p, shape):
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_gpu_matches_float64(monkeypatch, tuning, dtype, mode, p, shape):
+    _tuned(monkeypatch, tuning)
     n, d_in, d_out, r, bias = shape
     run_and_compare(*make_case(n, d_in, d_out, r, dtype, mode, bias, device="cuda"), scale=0.5, p=p)
 
@@ -65,12 +71,24 @@ def test_gpu_dropout_mask_matches_cpu_interpreter_definition():
     assert abs(m1.float().mean().item() - 0.7) < 0.01
 
 
-@pytest.mark.parametrize("config", [c for c in (lora_ops.get_gemm_configs() if lora_ops.HAS_TRITON else [])
-                                    if c.kwargs["PERSISTENT"]],
-                         ids=lambda c: "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+def _candidates():
+    if not lora_ops.HAS_TRITON:
+        return []
+    return [c for c in lora_ops.get_gemm_configs() if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+            not in lora_ops._FP32_TILES]
+
+
+def _cfg_id(c):
+    return "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
+        f"w{c.num_warps}s{c.num_stages}" + ("p" if c.kwargs["PERSISTENT"] else ""))
+
+
+@pytest.mark.parametrize("config", _candidates(), ids=_cfg_id)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_gpu_persistent_configs(monkeypatch, config, p):
-    """Every persistent autotune candidate, pinned, on a shape with more tiles than SMs and ragged edges."""
+def test_gpu_every_autotune_candidate(monkeypatch, config, p):
+    """Every 16-bit autotune candidate (persistent ones included), pinned, on a shape with more tiles than SMs and
+    ragged edges: whichever the autotuner picks must be right.  Candidates the pruner would refuse for the
+    pointer path run on the TMA path (aligned shape), where they are offered."""
     monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
     monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")
     meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
