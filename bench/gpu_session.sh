@@ -27,16 +27,33 @@ log="$run_dir/session.log"
 export PYTHONUNBUFFERED=1
 step() { echo "=== $(date -u +%H:%M:%S) +$(( $(date +%s) - start ))s $*" | tee -a "$log"; }
 left() { echo $(( limit - ($(date +%s) - start) )); }
-# budget NAME DEFAULT: the step's budget, never more than what is left minus a 40 s reserve for packing
+# budget NAME DEFAULT: the step's budget, never more than what is left minus a 40 s reserve for packing (0: none left;
+# callers then skip the step, since a budget of 0 means "no limit" to the benchmarks and to timeout)
 budget() { local b="$2" l; l=$(( $(left) - 40 )); [ "$l" -lt "$b" ] && b="$l"; [ "$b" -lt 0 ] && b=0; echo "$b"; }
 
 built() { python3 -c "import lora_kernels as lk, sys; sys.exit(0 if lk.has_extension('cuda') else 1)" 2>/dev/null; }
 do_build() {
   if built; then echo "already built (CUDA extension present)" | tee -a "$log"; return; fi
-  TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 timeout "$(budget build 300)" \
+  local b; b=$(budget build 300)
+  if [ "$b" -le 0 ]; then echo "skipped build: no time left before the limit" | tee -a "$log"; return; fi
+  TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 timeout "$b" \
     python3 -m pip install --no-build-isolation --no-deps -e . >"$run_dir/build.log" 2>&1
   echo "build rc=$?" | tee -a "$log"
   python3 -c "import lora_kernels as lk; print('has_extension cpu', lk.has_extension('cpu'), 'cuda', lk.has_extension('cuda'))" 2>&1 | tee -a "$log"
+}
+
+# bench NAME BUDGET GRACE TITLE SCRIPT [ARGS...]: one budgeted benchmark; GRACE covers the case in flight when the
+# budget runs out (the script starts no new case after it), then `timeout` cuts it.
+bench() {
+  local name="$1" want="$2" grace="$3" title="$4" script="$5" b; shift 5
+  b=$(budget "$name" "$want")
+  if [ "$b" -gt 0 ]; then built || do_build; b=$(budget "$name" "$want"); fi
+  if [ "$b" -le 0 ]; then echo "skipped $name: no time left before the limit" | tee -a "$log"; return; fi
+  step "$title ($script $*), budget ${b}s"
+  timeout $(( b + grace )) python3 "bench/$script" "$@" --budget-s "$b" --out "$run_dir" \
+    >"$run_dir/${script%.py}.log" 2>&1
+  echo "rc=$? (124: cut by the timeout)" | tee -a "$log"
+  grep -E "^# " "$run_dir/${script%.py}.log" | tail -3 | tee -a "$log"
 }
 
 step "environment"
@@ -49,29 +66,17 @@ for s in "${steps[@]}"; do
     build)
       step "build (CUDA extension, sm_90 only)"; do_build ;;
     lora)
-      built || do_build
-      b=$(budget lora "${BUDGET_LORA:-200}")
-      step "kernel benchmark, target configuration (bench_lora_linear --quick), budget ${b}s"
-      timeout $(( b + 120 )) python3 bench/bench_lora_linear.py --quick --budget-s "$b" --out "$run_dir" \
-        >"$run_dir/bench_lora_linear.log" 2>&1; echo "rc=$?" | tee -a "$log"
-      grep -E "^# |rel err" "$run_dir/bench_lora_linear.log" | tail -8 | tee -a "$log" ;;
+      bench lora "${BUDGET_LORA:-200}" 120 "kernel benchmark, target configuration" bench_lora_linear.py --quick
+      grep -E "rel err" "$run_dir/bench_lora_linear.log" | tee -a "$log" ;;
     rsvd)
-      built || do_build
-      b=$(budget rsvd "${BUDGET_RSVD:-240}")
-      step "batched randomized SVD benchmark, budget ${b}s"
-      timeout $(( b + 90 )) python3 bench/bench_rsvd.py --budget-s "$b" --out "$run_dir" \
-        >"$run_dir/bench_rsvd.log" 2>&1; echo "rc=$?" | tee -a "$log"
-      grep -E "^# " "$run_dir/bench_rsvd.log" | tail -3 | tee -a "$log" ;;
+      bench rsvd "${BUDGET_RSVD:-240}" 90 "batched randomized SVD benchmark" bench_rsvd.py ;;
     e2e)
-      built || do_build
-      b=$(budget e2e "${BUDGET_E2E:-240}")
-      step "end-to-end training step vs PEFT, budget ${b}s"
-      timeout $(( b + 90 )) python3 bench/bench_e2e.py --budget-s "$b" --out "$run_dir" \
-        >"$run_dir/bench_e2e.log" 2>&1; echo "rc=$?" | tee -a "$log"
-      grep -E "speed-up|out of memory|^# " "$run_dir/bench_e2e.log" | tee -a "$log" ;;
+      bench e2e "${BUDGET_E2E:-240}" 90 "end-to-end training step vs PEFT" bench_e2e.py
+      grep -E "speed-up|out of memory" "$run_dir/bench_e2e.log" | tee -a "$log" ;;
     tests)
-      built || do_build
       b=$(budget tests "${BUDGET_TESTS:-240}")
+      if [ "$b" -gt 0 ]; then built || do_build; b=$(budget tests "${BUDGET_TESTS:-240}"); fi
+      if [ "$b" -le 0 ]; then echo "skipped tests: no time left before the limit" | tee -a "$log"; continue; fi
       step "GPU tests (kernels first; the benchmark test is skipped: the benchmarks ran above), timeout ${b}s"
       timeout "$b" python3 -m pytest tests/test_gpu.py tests/test_rsvd.py tests/test_compile.py -m gpu -v --tb=short \
         -p no:cacheprovider >"$run_dir/gpu_tests.log" 2>&1; echo "gpu tests rc=$? (124: cut by the timeout)" | tee -a "$log"
