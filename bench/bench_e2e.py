@@ -110,7 +110,7 @@ def run_config(base, provider, mode, p, ckpt, r, batch, seq, steps, device) -> d
     if cuda:
         torch.cuda.empty_cache()
     return dict(provider=provider, mode=mode, dropout=p, ckpt=ckpt, ms=ms, tokens_per_s=batch * seq / ms * 1e3,
-                peak_gib=peak, loss=float(loss.detach()))
+                peak_gib=peak, loss=float(loss.detach()), speedup_vs_peft="", memory_saving_vs_peft="", error="")
 
 
 def main(argv=None) -> List[dict]:
@@ -131,8 +131,8 @@ def main(argv=None) -> List[dict]:
             raise SystemExit("bench_e2e needs a CUDA GPU (use --smoke for a CPU run of the script)")
         device, dtype, batch, seq, steps = "cuda", torch.bfloat16, args.batch, args.seq, args.steps
     print(f"# bench_e2e  {environment()}  batch {batch} seq {seq} r {args.r}")
+    budget = Budget(args.budget_s)  # started before the model is built: building it counts too
     base = build_base(args.smoke, device, dtype)
-    budget = Budget(args.budget_s)
     tag = "smoke" if args.smoke else "h100"
     csv_path = os.path.join(args.out, f"e2e_{tag}.csv")
     rows = []
@@ -150,7 +150,7 @@ def main(argv=None) -> List[dict]:
                         print(f"{provider} {mode} p={p} ckpt={ckpt}: out of memory ({str(exc)[:120]})", flush=True)
                         pair[provider] = dict(provider=provider, mode=mode, dropout=p, ckpt=ckpt, ms=float("nan"),
                                               tokens_per_s=float("nan"), peak_gib=float("nan"), loss=float("nan"),
-                                              error="out of memory")
+                                              speedup_vs_peft="", memory_saving_vs_peft="", error="out of memory")
                         torch.cuda.empty_cache()
                 speed = pair["peft"]["ms"] / pair["lora_kernels"]["ms"]
                 mem = 1 - pair["lora_kernels"]["peak_gib"] / pair["peft"]["peak_gib"] if pair["peft"]["peak_gib"] else 0.0

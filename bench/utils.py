@@ -107,9 +107,17 @@ def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
     env = environment()
     keys = dict.fromkeys(k for r in rows for k in r)  # union, first-seen order (rows may add columns)
     fields = list(env) + [k for k in keys if k not in env]
-    new = not os.path.exists(path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:  # appending: keep the file's own header, so every row lines up with it
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header:
+            lost = [k for k in fields if k not in header]
+            if lost:
+                print(f"write_csv: {path} has no column for {lost}; those values are not written")
+            fields = header
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:

@@ -647,7 +647,12 @@ def gemm_arrangement(name: str):
     """Force the GEMM arrangement inside a ``with`` block: "fused" (our kernel does the base GEMM and the LoRA
     term), "split" (cuBLAS does the base GEMM, our kernel adds the LoRA term in place) or "auto" (the default:
     measured once per shape bucket on CUDA, fused elsewhere).  The environment variable LORA_KERNELS_GEMM sets
-    the same thing process-wide."""
+    the same thing process-wide.
+
+    The setting is process-wide (not per thread) and is read when each GEMM launches: wrap the backward pass too
+    (``loss.backward()`` inside the block) to force it there.  Under ``torch.compile`` set the environment variable
+    instead.  The two arrangements round differently (split rounds the base product to the output dtype before
+    adding the LoRA term), so for bit-reproducible runs across processes pin one of them."""
     global _forced_arrangement
     if name not in ARRANGEMENTS + ("auto",):
         raise ValueError(f"gemm_arrangement name must be 'auto', 'fused' or 'split', got {name!r}")
@@ -659,15 +664,15 @@ def gemm_arrangement(name: str):
 
 
 def gemm_arrangement_report() -> Dict[tuple, dict]:
-    """What "auto" measured: {(pass, device, dtype, M bucket, N, K, r, bias, dropout, tma): {"choice",
-    "fused_ms", "split_ms"}} for every GEMM shape met so far in this process."""
+    """What "auto" measured: {(pass, device, dtype, M bucket, N, K, r, bias, dropout, tma, input precision,
+    autotune): {"choice", "fused_ms", "split_ms"}} for every GEMM shape met so far in this process."""
     return {k: dict(v) for k, v in _measured.items()}
 
 
 def _time_ms(fn) -> float:
     import triton.testing
 
-    fn()  # compilation and autotuning stay outside the measurement
+    # do_bench runs fn once before its estimate, so compilation and autotuning stay outside the measurement.
     return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
@@ -678,7 +683,14 @@ def _choose(key: tuple, candidates: Dict[str, object]) -> str:
         return hit["choice"]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "fused"  # no timing inside a CUDA graph capture; not cached, so a later eager call measures
-    times = {name: _time_ms(fn) for name, fn in candidates.items()}
+    try:
+        times = {name: _time_ms(fn) for name, fn in candidates.items()}
+    except torch.cuda.OutOfMemoryError:
+        # Timing needs extra outputs and do_bench's 256 MB L2-flush buffer; a run near full memory must not fail
+        # for that: keep the fused arrangement for this key (no extra memory) and record why.
+        torch.cuda.empty_cache()
+        _measured[key] = dict(choice="fused", fused_ms=float("nan"), split_ms=float("nan"), note="out of memory")
+        return "fused"
     choice = min(times, key=times.get)
     _measured[key] = dict(choice=choice, **{f"{name}_ms": ms for name, ms in times.items()})
     return choice
@@ -702,7 +714,8 @@ def _gemm(a2d, w, w_nk, bias, t, l, l_strides, n, seed, p, epi_dropout):
         else:
             key = ("fwd" if w_nk else "dgrad", a2d.device.index, str(a2d.dtype).replace("torch.", ""),
                    min(triton.next_power_of_2(m), 16384), n, a2d.shape[1], t.shape[1], bias is not None,
-                   epi_dropout and p > 0.0, (n * a2d.element_size()) % 16 == 0 and _use_tma(a2d, w, a2d))
+                   epi_dropout and p > 0.0, (n * a2d.element_size()) % 16 == 0 and _use_tma(a2d, w, a2d),
+                   _input_precision(a2d.dtype), _autotune_enabled())
             setting = _choose(key, {"fused": lambda: _gemm_fused(*call), "split": lambda: _gemm_split(*call)})
     return _gemm_fused(*call) if setting == "fused" else _gemm_split(*call)
 
