@@ -134,21 +134,22 @@ if HAS_TRITON:
                  acc.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _lora_tile(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr, stride_ln, acc,
-                   UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-        """acc + t[rows, :] @ l[:, cols], looping over r in chunks of BLOCK_R (the short 'LoRA K-loop')."""
-        rr0 = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + rr0
-            r_ok = rr < R
-            t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            l = tl.load(l_ptr + rr[:, None] * stride_lr + cols[None, :] * stride_ln,
-                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    def _masked_dot_loop(x_ptr, y_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk, stride_yk, stride_yn,
+                         acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + x[rows, :K] @ y[:K, cols] with pointer loads, masked on every edge, BLOCK_K at a time.  Serves
+        the LoRA K-loop over r (x = t, y = l) and the pointer-load main loop over K (x = a, y = w)."""
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + kk
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.load(y_ptr + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
-                t = t.to(tl.float32)
-                l = l.to(tl.float32)
-            acc = tl.dot(t, l, acc, input_precision=INPUT_PRECISION)
+                x = x.to(tl.float32)
+                y = y.to(tl.float32)
+            acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
         return acc
 
     @triton.jit
@@ -189,8 +190,8 @@ if HAS_TRITON:
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_LORA and EPI_DROPOUT:
-            acc = _lora_tile(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
-                             stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
+            acc = _masked_dot_loop(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
+                                   stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
             keep = _dropout_keep(seed, rows, pid_n.to(tl.int64) * BLOCK_N, N, threshold.to(tl.uint32), BLOCK_N)
             acc = tl.where(keep, acc, tl.zeros_like(acc))
         if BASE_IN_C:
@@ -212,21 +213,11 @@ if HAS_TRITON:
                     w = w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         else:
-            kk = tl.arange(0, BLOCK_K).to(tl.int64)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + kk
-                k_ok = ks < K
-                a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    w = w.to(tl.float32)
-                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            acc = _masked_dot_loop(a_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_ak, stride_wk,
+                                   stride_wn, acc, UPCAST, INPUT_PRECISION, BLOCK_K)
         if HAS_LORA and not EPI_DROPOUT:
-            acc = _lora_tile(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
-                             stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
+            acc = _masked_dot_loop(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
+                                   stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
