@@ -33,7 +33,7 @@ from utils import (Budget, bench_ms, environment, markdown_table, peak_mem_bytes
                    saved_activation_bytes, write_csv)
 
 from lora_kernels import lora_linear, lora_linear_ref  # noqa: E402
-from lora_kernels.ops.fused_lora_linear import ARRANGEMENTS, gemm_arrangement, gemm_arrangement_report  # noqa: E402,E501
+from lora_kernels.ops import ARRANGEMENTS, gemm_arrangement, gemm_arrangement_report  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
+
+from lora_kernels import settings
 
 logger = logging.getLogger("lora_kernels")
 
@@ -26,8 +27,8 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is switched on (read at call time, not import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``, read once with the settings)."""
+    return settings.get().interpret
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,11 +1,11 @@
 """Shared fixtures.  Nothing here touches a GPU at import time; GPU tests skip through the ``gpu`` marker."""
 
-import os
-
 import pytest
 import torch
 
-import lora_kernels.ops.fused_lora_linear as lora_ops
+from lora_kernels import settings
+from lora_kernels._backend import HAS_TRITON, interpreter_enabled
+from lora_kernels.ops.lora_linear import dispatch
 
 
 def pytest_configure(config):
@@ -28,7 +28,7 @@ def _seed():
 
 
 def triton_available_on_cpu() -> bool:
-    return lora_ops.HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return HAS_TRITON and interpreter_enabled()
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -37,7 +37,7 @@ def backend(request, monkeypatch):
     if request.param == "triton" and not triton_available_on_cpu():
         pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 set before import")
     if request.param == "torch":
-        monkeypatch.setattr(lora_ops, "use_triton", lambda t: False)
+        monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
     return request.param
 
 
@@ -54,4 +54,12 @@ def _poison_outputs(monkeypatch):
     def poisoned(shape, device, dtype):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
-    monkeypatch.setattr(lora_ops, "_empty", poisoned)
+    if dispatch.launch is not None:
+        monkeypatch.setattr(dispatch.launch, "_empty", poisoned)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """A test that changes a LORA_KERNELS_* variable (monkeypatch.setenv + settings.reload()) leaves no trace."""
+    yield
+    settings.reload()

@@ -6,16 +6,22 @@ Skipped cleanly on machines without CUDA (the ``gpu`` marker, resolved in confte
 import pytest
 import torch
 
-import lora_kernels.ops.fused_lora_linear as lora_ops
-from lora_kernels import dropout_mask, lora_linear, lora_linear_ref
+from lora_kernels import dropout_mask, lora_linear, lora_linear_ref, settings
+from lora_kernels._backend import HAS_TRITON
+from lora_kernels.ops import gemm_arrangement, gemm_arrangement_report
+from lora_kernels.ops.lora_linear import arrangement
+
+if HAS_TRITON:
+    from lora_kernels.ops.lora_linear import tuning
 from tests.test_lora_linear import MODES, make_case, rel_err, run_and_compare
 
 pytestmark = pytest.mark.gpu
 
 
-def _tuned(monkeypatch, tuning):
-    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1" if tuning == "autotune" else "0")
+def _tuned(monkeypatch, tuned):
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1" if tuned == "autotune" else "0")
     monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")  # "auto" could route a shape to split; that has its own tests
+    settings.reload()  # (conftest reloads again after the test, once monkeypatch has restored the environment)
 
 
 GPU_SHAPES = [(1000, 1024, 2816, 16, True), (777, 4096, 1000, 100, False), (4096, 512, 512, 256, True),
@@ -27,12 +33,12 @@ TUNED_DTYPES = [("pinned", torch.bfloat16), ("pinned", torch.float16), ("pinned"
                 ("autotune", torch.bfloat16)]
 
 
-@pytest.mark.parametrize("tuning, dtype", TUNED_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("tuned, dtype", TUNED_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
-def test_gpu_matches_float64(monkeypatch, tuning, dtype, mode, p, shape):
-    _tuned(monkeypatch, tuning)
+def test_gpu_matches_float64(monkeypatch, tuned, dtype, mode, p, shape):
+    _tuned(monkeypatch, tuned)
     n, d_in, d_out, r, bias = shape
     run_and_compare(*make_case(n, d_in, d_out, r, dtype, mode, bias, device="cuda"), scale=0.5, p=p)
 
@@ -72,10 +78,10 @@ def test_gpu_dropout_mask_matches_cpu_interpreter_definition():
 
 
 def _candidates():
-    if not lora_ops.HAS_TRITON:
+    if not HAS_TRITON:
         return []
-    return [c for c in lora_ops.get_gemm_configs() if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
-            not in lora_ops._FP32_TILES]
+    return [c for c in tuning.get_gemm_configs() if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+            not in tuning._FP32_TILES]
 
 
 def _cfg_id(c):
@@ -89,10 +95,9 @@ def test_gpu_every_autotune_candidate(monkeypatch, config, p):
     """Every 16-bit autotune candidate (persistent ones included), pinned, on a shape with more tiles than SMs and
     ragged edges: whichever the autotuner picks must be right.  Candidates the pruner would refuse for the
     pointer path run on the TMA path (aligned shape), where they are offered."""
-    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
-    monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")
+    _tuned(monkeypatch, "pinned")
     meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    monkeypatch.setattr(lora_ops, "_pinned_gpu", lambda dtype: meta)
+    monkeypatch.setattr(tuning, "pinned_gemm_meta", lambda dtype, base_in_c: meta)
     run_and_compare(*make_case(4000, 2048, 4104, 16, torch.bfloat16, "AB", True, device="cuda"), scale=0.5, p=p)
 
 
@@ -100,15 +105,16 @@ def test_gpu_every_autotune_candidate(monkeypatch, config, p):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gpu_split_arrangement(mode, p, dtype):
-    with lora_ops.gemm_arrangement("split"):
+    with gemm_arrangement("split"):
         run_and_compare(*make_case(1000, 1024, 2816, 16, dtype, mode, True, device="cuda"), scale=0.5, p=p)
 
 
 def test_gpu_auto_arrangement_measures_and_is_correct(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_GEMM", "auto")
-    monkeypatch.setattr(lora_ops, "_measured", {})
+    settings.reload()
+    monkeypatch.setattr(arrangement, "_measured", {})
     run_and_compare(*make_case(2048, 1024, 1024, 16, torch.bfloat16, "AB", True, device="cuda"), scale=0.5, p=0.1)
-    report = lora_ops.gemm_arrangement_report()
+    report = gemm_arrangement_report()
     assert {k[0] for k in report} == {"fwd", "dgrad"}
     assert all(v["choice"] in ("fused", "split") and v["fused_ms"] > 0 and v["split_ms"] > 0
                for v in report.values())

@@ -26,11 +26,11 @@ error is then roughly √tol · (σ₁/gap).
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from lora_kernels import settings
 from lora_kernels._backend import _say_once
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -121,7 +121,7 @@ def small_svd(M: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """
     from lora_kernels import _extension
 
-    choice = os.environ.get("LORA_KERNELS_SMALL_SVD", "auto")
+    choice = settings.get().small_svd
     if choice == "jacobi" or (choice == "auto" and M.is_cuda):
         fn = _extension.jacobi_svd_for(M)
         if fn is not None:

@@ -3,7 +3,11 @@
 Triton ships ptxas, cuobjdump and nvdisasm, so on any machine with Triton we can compile for Hopper (sm_90) and read
 the resource report: registers per thread, stack bytes (spills), shared memory, and whether the matrix products
 became wgmma (``HGMMA`` in SASS).  The CPU test suite runs this so a kernel that stops compiling for the GPU, or
-starts spilling, fails CI even though CI has no GPU.  ``python -m lora_kernels.ops.aot`` prints the table.
+starts spilling, fails CI even though CI has no GPU.  ``python bench/sm90_compile_report.py`` prints the table
+(kept in bench/results/sm90_compile_report.txt); ``--json`` gives the rows the test suite checks.
+
+A developer tool, not part of the installed package: it reads the launchers' tile choices from
+``lora_kernels.ops.lora_linear.tuning`` so that the report describes what the launchers launch.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, List
@@ -19,11 +24,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lora_kernels._backend import interpreter_enabled
-from lora_kernels.ops import fused_lora_linear as ops
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout works too
+
+from lora_kernels._backend import interpreter_enabled  # noqa: E402
+from lora_kernels.ops.lora_linear import kernels, tuning  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-_FLOAT_ARGS = {"out_scale", "lora_scale"}
+_FLOAT_ARGS = {"out_scale"}
 _I64_ARGS = {"seed"}
 
 
@@ -92,31 +99,31 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
     out = []
     for dt in dtypes:
         tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
-        g = ops._pinned_gpu(tdt)
+        g = tuning._PINNED_GPU_FP32 if tdt == torch.float32 else tuning._PINNED_GPU
         tiles = {k: g[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         common = dict(UPCAST=False, INPUT_PRECISION="ieee")
         for r, drop in ((16, True), (64, True), (256, False)):
-            mblk, kblk, warps = ops._shrink_meta(r)
-            out.append(Variant(f"shrink r{r}{' dropout' if drop else ''}", ops._lora_shrink_kernel, dt,
+            mblk, kblk, warps = tuning._shrink_meta(r)
+            out.append(Variant(f"shrink r{r}{' dropout' if drop else ''}", kernels._lora_shrink_kernel, dt,
                                dict(HAS_DROPOUT=drop, BLOCK_M=mblk, BLOCK_K=kblk, BLOCK_R=r, **common), warps, 3))
         for tma in ((True, False) if dt != "fp32" else (False,)):
             for name, bias, drop, w_nk in (("gemm fwd", True, False, True), ("gemm dgrad", False, False, False),
                                            ("gemm dgrad dropout", False, True, False)):
-                out.append(Variant(f"{name}{' tma' if tma else ''}", ops._lora_gemm_kernel, dt,
+                out.append(Variant(f"{name}{' tma' if tma else ''}", kernels._lora_gemm_kernel, dt,
                                    dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False, BLOCK_R=16,
-                                        USE_TMA=tma, W_NK=w_nk, **tiles, **ops._ONE_TILE, **common),
+                                        USE_TMA=tma, W_NK=w_nk, **tiles, **tuning._ONE_TILE, **common),
                                    g["num_warps"], g["num_stages"]))
-        split = ops._PINNED_SPLIT_GPU
+        split = tuning._PINNED_SPLIT_GPU
         split_tiles = {k: split[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PERSISTENT")}
         for name, drop, w_nk in (("split lora pass fwd", False, True), ("split lora pass dgrad dropout", True, False)):
-            out.append(Variant(name, ops._lora_gemm_kernel, dt,
+            out.append(Variant(name, kernels._lora_gemm_kernel, dt,
                                dict(HAS_BIAS=False, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=True, BLOCK_R=16,
                                     USE_TMA=False, W_NK=w_nk, **split_tiles, **common),
                                split["num_warps"], split["num_stages"]))
         for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False), ("wgrad dAT (in x r16)", 4096, 16, False),
                                     ("wgrad dAT dropout", 4096, 16, True), ("wgrad dAT r64 dropout", 4096, 64, True)):
-            bp, bq, bm, warps = ops._wgrad_meta(pdim, q, drop, tdt)
-            out.append(Variant(name, ops._lora_wgrad_kernel, dt,
+            bp, bq, bm, warps = tuning._wgrad_meta(pdim, q, tdt)
+            out.append(Variant(name, kernels._lora_wgrad_kernel, dt,
                                dict(HAS_DROPOUT=drop, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=bm, **common), warps, 3,
                                out_dtype="fp32"))
     return out
@@ -131,12 +138,12 @@ def autotune_variants(dtype: str = "bf16") -> List[Variant]:
     for tma in ((True, False) if dtype != "fp32" else (False,)):
         for name, drop in (("gemm fwd", False), ("gemm dgrad dropout", True)):
             flags = {"USE_TMA": tma, "EPI_DROPOUT": drop, "INPUT_PRECISION": "ieee"}
-            for cfg in ops._prune_gemm_configs(ops.get_gemm_configs(), {"M": 8192, "N": 4096, "a_ptr": probe},
+            for cfg in tuning._prune_gemm_configs(tuning.get_gemm_configs(), {"M": 8192, "N": 4096, "a_ptr": probe},
                                                **flags):
                 tiles = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tiles += " persistent" if cfg.kwargs["PERSISTENT"] else ""
                 out.append(Variant(f"{name}{' tma' if tma else ''} [{tiles} w{cfg.num_warps} s{cfg.num_stages}]",
-                                   ops._lora_gemm_kernel, dtype,
+                                   kernels._lora_gemm_kernel, dtype,
                                    dict(HAS_BIAS=not drop, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False,
                                         BLOCK_R=16, UPCAST=False,
                                         INPUT_PRECISION="ieee", USE_TMA=tma, W_NK=not drop, **cfg.kwargs),

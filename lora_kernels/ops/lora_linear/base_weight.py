@@ -1,0 +1,95 @@
+"""The seam for the frozen base weight W of ``y = x Wᵀ + b + LoRA``.
+
+Everything the LoRA layer needs from W goes through a ``BaseWeight``; a dense tensor is ``DenseWeight``.  A new
+weight type (e.g. 4-bit NF4 codes with per-block scales) implements the same contract and every arrangement,
+mode and dropout setting works with it unchanged.
+
+Contract
+--------
+* ``out_features``, ``in_features``: W's logical shape (out × in); ``dtype``: the compute dtype of x, y and the
+  products (for a quantized W, its compute dtype, not its storage dtype); ``device``.
+* ``linear(x2d, bias)`` → x Wᵀ + b, [N, out] in ``dtype`` (bias may be None).  A fresh tensor the caller may
+  modify in place: the split arrangement adds the LoRA term into it.
+* ``grad_input(g2d)`` → g W, [N, in] in ``dtype``, fresh as above.
+* ``fused_operand()`` → the [out, in] strided tensor that the fused Triton GEMM's main loop reads (a dense W), or
+  None when the type has no fused main loop yet: then the split arrangement is used (the base product from
+  ``linear`` / ``grad_input``, the LoRA term added in place by our kernel).  A quantized type that gets its own
+  fused main loop adds a kernel variant and returns its operands here.
+* ``dense()`` → W as a dense [out, in] tensor (dequantized if need be), for merges, references and ∂L/∂W.  It may
+  allocate: never called on the training hot path.
+Nothing else is assumed: no ``requires_grad`` on W (a 4-bit W cannot have one), no particular storage dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class BaseWeight:
+    """The frozen W, as the LoRA layer uses it (see the module docstring for the contract)."""
+
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def linear(self, x2d: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad_input(self, g2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fused_operand(self) -> Optional[torch.Tensor]:
+        return None
+
+    def dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenseWeight(BaseWeight):
+    """A plain [out, in] tensor: cuBLAS for the split products, the tensor itself for the fused main loop."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def linear(self, x2d, bias):
+        return F.linear(x2d, self.weight, bias)
+
+    def grad_input(self, g2d):
+        return g2d @ self.weight
+
+    def fused_operand(self):
+        return self.weight
+
+    def dense(self):
+        return self.weight
+
+
+def as_base_weight(weight) -> BaseWeight:
+    """A ``BaseWeight`` for ``weight``: itself if it already is one, ``DenseWeight`` for a tensor."""
+    if isinstance(weight, BaseWeight):
+        return weight
+    if isinstance(weight, torch.Tensor):
+        return DenseWeight(weight)
+    raise TypeError(f"weight must be a torch.Tensor or a BaseWeight, got {type(weight).__name__}")
