@@ -7,16 +7,16 @@
   at run time.  ``LORA_KERNELS_NO_EXT=1`` skips the extension entirely.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed (an isolated
-build environment would download a second, CUDA, torch).
+build environment would download a second, CUDA, torch).  pyproject.toml holds the package metadata and the
+``[build-system]`` table that makes every pip build through PEP 517/660 (never ``setup.py develop``, which in
+setuptools >= 80 re-runs pip with build isolation: no torch there, so no extension); this file only adds the extension.
 """
 
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from setuptools import setup
 
 
 def get_extensions():
@@ -65,25 +65,17 @@ class _OptionalBuildExt:
                 except Exception as exc:
                     print(f"lora_kernels: C++ extension not built ({exc}); continuing without it", file=sys.stderr)
 
+            def copy_file(self, infile, outfile, *args, **kwargs):
+                # The editable build copies _C*.so into lora_kernels/.  Unlink the old one first: copying over it
+                # in place would change the pages of a library that running processes have mapped (SIGBUS there).
+                if os.path.isfile(outfile) and os.path.basename(outfile).startswith("_C."):
+                    os.unlink(outfile)
+                return super().copy_file(infile, outfile, *args, **kwargs)
+
         return OptionalBuildExt.with_options(use_ninja=True) if hasattr(OptionalBuildExt, "with_options") else OptionalBuildExt
 
 
 ext_modules, cmdclass = get_extensions()
 
-with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-    long_description = f.read()
-
-setup(
-    name="lora_kernels",
-    version="0.1.0",
-    description="Fused Triton/CUDA kernels for LoRA fine-tuning (B-only mode, in-kernel dropout, LoRA-One inits)",
-    long_description=long_description,
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest"], "build": ["ninja", "pybind11"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# Metadata (name, version, dependencies, packages) lives in pyproject.toml; passing any of it here too would conflict.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -3,7 +3,8 @@
 1. A small LLaMA-architecture transformer built from a config (random weights, nothing downloaded) is pretrained
    briefly on a synthetic language (an affine walk over 64 tokens), then fine-tuned on a shifted rule.
 2. ``inject_lora`` puts FusedLoRALinear adapters on every linear layer; ``lora_one_init`` initialises them from
-   the one-step gradient; a short training run in B-only mode (frozen A) and in AB mode prints the loss.
+   the one-step gradient; a short training run in B-only mode (frozen A) and in AB mode prints the loss.  Every
+   loss printed is on one held-out eval set: the base model's, right after the init (step 0), during training.
 3. ``save_adapter`` writes the adapter in PEFT's format; ``load_adapter`` reads it into a fresh copy of the base;
    the logits must match exactly (and so must PEFT's own ``PeftModel.from_pretrained`` when peft is installed).
 4. With a CUDA GPU: ``bench/bench_lora_linear.py`` (full sweep, or ``--quick``), then ``bench/bench_rsvd.py`` and
@@ -59,7 +60,13 @@ def build_base(device, dtype, pretrain_steps):
     return model.to(dtype).eval()
 
 
-def finetune(base, mode, steps, device, batches_for_init):
+def eval_loss(model, eval_ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=eval_ids, labels=eval_ids).loss.item()
+
+
+def finetune(base, mode, steps, device, batches_for_init, eval_ids, base_eval):
     model = inject_lora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16, lora_dropout=0.05, mode=mode,
                         use_rslora=True, init_A="orthogonal")
     print(f"[{mode}] {trainable_parameters(model)}")
@@ -68,16 +75,15 @@ def finetune(base, mode, steps, device, batches_for_init):
     print(f"[{mode}] LoRA-One init from {report.num_batches} batches in "
           f"{report.seconds_collect + report.seconds_svd:.2f}s; captured gradient energy per layer "
           f"{min(lr.energy for lr in report.layers):.2f}-{max(lr.energy for lr in report.layers):.2f}")
+    # Same eval set as the base model's loss printed before: step 0 is the loss right after the LoRA-One init.
     opt = PreconditionedAdamW.from_model(model, lr=2e-3)
     gen = torch.Generator().manual_seed(5)
-    eval_ids = sequences(128, torch.Generator().manual_seed(6), shift=3, device=device)
     t0 = time.perf_counter()
     for step in range(steps + 1):
         if step % max(1, steps // 4) == 0:
-            model.eval()
-            with torch.no_grad():
-                ev = model(input_ids=eval_ids, labels=eval_ids).loss.item()
-            print(f"[{mode}] step {step:4d}  eval loss {ev:.4f}")
+            ev = eval_loss(model, eval_ids)
+            what = f"  right after LoRA-One init (base model: {base_eval:.4f})" if step == 0 else ""
+            print(f"[{mode}] step {step:4d}  eval loss {ev:.4f}{what}")
             model.train()
         if step == steps:
             break
@@ -128,11 +134,13 @@ def main(argv=None):
     print(f"device {device}, dtype {dtype}; the LoRA layers run on: {path}")
     base = build_base(device, dtype, args.pretrain_steps)
     init_batches = [sequences(32, torch.Generator().manual_seed(100 + i), shift=3, device=device) for i in range(4)]
-    with torch.no_grad():
-        ids = init_batches[0]
-        print(f"fine-tuning task loss of the base model: {base(input_ids=ids, labels=ids).loss.item():.4f}")
+    # One held-out eval set for every loss printed from here on (base model, after init, during training).
+    eval_ids = sequences(128, torch.Generator().manual_seed(6), shift=3, device=device)
+    base_eval = eval_loss(base, eval_ids)
+    print(f"fine-tuning task (shifted rule), eval set of {eval_ids.shape[0]} sequences: base model eval loss "
+          f"{base_eval:.4f}")
     for mode in ("B", "AB"):
-        model = finetune(base, mode, args.steps, device, init_batches)
+        model = finetune(base, mode, args.steps, device, init_batches, eval_ids, base_eval)
         save_reload_check(model, base, mode, device)
     if cuda and not args.no_bench:
         sys.path.insert(0, HERE)

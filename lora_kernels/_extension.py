@@ -2,20 +2,38 @@
 
 The bound C++/CUDA functions return unsorted factors with zero columns of U where a singular value is zero; the
 wrapper here sorts by descending singular value and completes such columns to an orthonormal basis, once for both
-devices.  Without the extension every caller falls back to torch (``rsvd`` says so once in the log).
+devices.  Without the extension every caller falls back to torch: ``rsvd`` says so once in the log where that is
+slower (CUDA, or ``LORA_KERNELS_SMALL_SVD=jacobi``; on CPU it uses LAPACK anyway).  An extension that was built but
+does not load (e.g. compiled against another torch) is said once at import, with the loader's error.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Callable, Optional
 
 import torch
 
+from lora_kernels._backend import _say_once
+
+_C_ERROR: Optional[str] = None  # why _C is None (see unavailable_reason)
 try:
     from lora_kernels import _C
-except ImportError:  # not built (no compiler at install time, or LORA_KERNELS_NO_EXT=1)
+except ImportError as _exc:
     _C = None
+    if importlib.util.find_spec("lora_kernels._C") is None:
+        _C_ERROR = "lora_kernels._C was not built"
+    else:  # built but does not load: a stale or broken build
+        _C_ERROR = str(_exc)
+        _say_once(f"lora_kernels: compiled extension lora_kernels._C does not load ({_exc}); continuing without it "
+                  "(rebuild with `python3 -m pip install --no-build-isolation -e .`).")
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension is loaded; otherwise why not (not built: no compiler or no torch at install time,
+    ``LORA_KERNELS_NO_EXT=1``, an isolated build; or a build that does not load)."""
+    return _C_ERROR
 
 
 def available() -> bool:
