@@ -1,18 +1,46 @@
-"""lora_kernels: fused GPU kernels for LoRA fine-tuning.
+"""lora_kernels: fused GPU kernels for LoRA fine-tuning, and what it takes to train with them.
 
-Public API: ``lora_linear`` / ``lora_linear_ref`` (functional), ``FusedLoRALinear`` (nn.Linear replacement),
-``rsvd`` / ``rsvd_ref`` (batched randomized SVD), ``has_extension`` (whether the optional compiled extension
-``lora_kernels._C`` is present).
+Configuration
+    LoRAConfig            the adapter's settings in PEFT's vocabulary (r, lora_alpha, target_modules, ...) plus
+                          mode and init_A; validated; to/from PEFT's adapter_config.json (``lora_kernels.config``
+                          also holds the shared rules: MODES, INITS, scaling, trainable_factors, math_dtype)
+Layer
+    FusedLoRALinear       nn.Linear replacement with a LoRA adapter on the fused kernels (modes AB, B, A; merge)
+Functional ops
+    lora_linear           y = x Wᵀ + b + s·(dropout(x) Aᵀ) Bᵀ, differentiable, fused forward and backward
+    lora_linear_ref       the same in plain PyTorch (reference)
+    dropout_mask          the dropout mask a seed stands for
+    gemm_arrangement      force the GEMM arrangement ("fused", "split", "auto") inside a ``with`` block
+    gemm_arrangement_report   what "auto" measured
+    rsvd, rsvd_ref        batched randomized SVD (kernel path, reference)
+    (LoRALinearFunction, the autograd Function behind lora_linear, is importable but left out of ``__all__``.)
+Model surgery
+    inject_lora           put FusedLoRALinear adapters into any model (PEFT's matching rules), freeze the rest
+    lora_layers, named_lora_layers   find them
+    merge_lora, unmerge_lora, unload_lora, trainable_parameters (-> TrainableSummary)
+Adapter files (PEFT format, both ways)
+    save_adapter, load_adapter
+Initialisations (``lora_kernels.init``)
+    lora_one_init, lora_ga_init, pissa_init (-> InitReport of LayerReport), collect_gradients
+Optimizers (``lora_kernels.optim``)
+    PreconditionedAdamW, PreconditionedSGD   r×r-preconditioned updates of the LoRA factors; lora_pairs
+Environment
+    has_extension         whether the optional compiled extension ``lora_kernels._C`` is present
+    logger                the package's logger
+    (``lora_kernels.settings``: the run-time switches read from the environment.)
 """
 
-from lora_kernels import _extension
+from lora_kernels import _extension, config, init, model, modules, ops, optim
 from lora_kernels._backend import logger
+from lora_kernels.config import LoRAConfig
+from lora_kernels.init import InitReport, LayerReport, collect_gradients, lora_ga_init, lora_one_init, pissa_init
+from lora_kernels.model import (TrainableSummary, inject_lora, load_adapter, lora_layers, merge_lora,
+                                named_lora_layers, save_adapter, trainable_parameters, unload_lora, unmerge_lora)
 from lora_kernels.modules import FusedLoRALinear
-from lora_kernels.ops import LoRALinearFunction, dropout_mask, lora_linear, lora_linear_ref
+from lora_kernels.ops import (LoRALinearFunction, dropout_mask, gemm_arrangement, gemm_arrangement_report, lora_linear,
+                              lora_linear_ref)
 from lora_kernels.ops.rsvd import rsvd, rsvd_ref
-from lora_kernels.init import InitReport, lora_ga_init, lora_one_init, pissa_init
-from lora_kernels.model import (inject_lora, load_adapter, merge_lora, save_adapter, trainable_parameters, unload_lora,
-                                unmerge_lora)
+from lora_kernels.optim import PreconditionedAdamW, PreconditionedSGD, lora_pairs
 
 
 def has_extension(device: str = "cpu") -> bool:
@@ -24,7 +52,9 @@ def has_extension(device: str = "cpu") -> bool:
 
 
 __version__ = "0.1.0"
-__all__ = ["FusedLoRALinear", "InitReport", "LoRALinearFunction", "dropout_mask", "has_extension", "inject_lora",
-           "load_adapter", "lora_ga_init", "lora_linear", "lora_linear_ref", "lora_one_init", "logger", "merge_lora",
-           "pissa_init", "rsvd", "rsvd_ref", "save_adapter", "trainable_parameters", "unload_lora", "unmerge_lora",
-           "__version__"]
+# LoRALinearFunction stays importable but out of __all__: pydoc would dump torch.autograd.Function's docs with it.
+__all__ = ["FusedLoRALinear", "InitReport", "LayerReport", "LoRAConfig", "PreconditionedAdamW", "PreconditionedSGD",
+           "TrainableSummary", "collect_gradients", "dropout_mask", "gemm_arrangement", "gemm_arrangement_report",
+           "has_extension", "inject_lora", "load_adapter", "logger", "lora_ga_init", "lora_layers", "lora_linear",
+           "lora_linear_ref", "lora_one_init", "lora_pairs", "merge_lora", "named_lora_layers", "pissa_init", "rsvd",
+           "rsvd_ref", "save_adapter", "trainable_parameters", "unload_lora", "unmerge_lora", "__version__"]

@@ -27,16 +27,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from lora_kernels.config import math_dtype
+from lora_kernels.model.inject import named_lora_layers
 from lora_kernels.modules import FusedLoRALinear
 
 
-def math_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 for fp32/fp16/bf16 tensors, fp64 for fp64 ones (never a silent downcast)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def adapted_layers(model: nn.Module) -> List[Tuple[str, FusedLoRALinear]]:
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)]
+    """``named_lora_layers``, refusing a model without any."""
+    layers = named_lora_layers(model)
     if not layers:
         raise ValueError("model has no FusedLoRALinear layer to initialise (replace nn.Linear layers first, e.g. "
                          "with FusedLoRALinear.from_linear)")
@@ -282,10 +280,10 @@ def _progress(enabled: bool, total: Optional[int]):
 
 
 def sketch_svd(sk: _Sketch, rank: int):
-    if sk.Y.shape[1] < rank:
-        raise ValueError(f"sketch_size {sk.Y.shape[1]} is smaller than the rank {rank} it must recover")
     """Low-rank SVD from the two sketches (Tropp et al. 2017, fixed-rank variant): Q = orth(Y), X = (Ψ Q)⁺ W,
     G ≈ Q X; then the SVD of the small X.  Returns U (out, rank), S (rank,), V (in, rank)."""
+    if sk.Y.shape[1] < rank:
+        raise ValueError(f"sketch_size {sk.Y.shape[1]} is smaller than the rank {rank} it must recover")
     Y, W, psi = sk.Y.double(), sk.W.double(), sk.psi.double()
     Q = torch.linalg.qr(Y)[0]
     X = torch.linalg.lstsq(psi @ Q, W).solution  # (k, in)

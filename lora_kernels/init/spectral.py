@@ -31,8 +31,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lora_kernels.init.collect import (Collected, adapted_layers, collect_gradients, math_dtype, shared_seed,
-                                       sketch_frobenius2, sketch_svd)
+from lora_kernels.config import math_dtype
+from lora_kernels.init.collect import (Collected, adapted_layers, collect_gradients, shared_seed, sketch_frobenius2,
+                                       sketch_svd)
 from lora_kernels.modules import FusedLoRALinear
 from lora_kernels.ops.rsvd import rsvd
 

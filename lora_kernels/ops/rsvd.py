@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from lora_kernels import settings
+from lora_kernels.config import math_dtype
 from lora_kernels._backend import _say_once
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -54,10 +55,6 @@ def _check(A, rank, oversample, niter, tol):
         raise ValueError(f"niter must be a non-negative int, got {niter!r}")
     if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive float, got {tol!r}")
-
-
-def _work_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,7 +148,7 @@ def rsvd(A: torch.Tensor, rank: int, *, oversample: Optional[int] = None, niter:
     _check(A, rank, oversample, niter, tol)
     m, n = A.shape[-2:]
     batch = A.shape[:-2]
-    wdt = _work_dtype(A.dtype)
+    wdt = math_dtype(A.dtype)
     X = A.to(wdt)
     k = min(rank + (3 * rank if oversample is None else oversample), m, n)
     if niter is None:
@@ -186,7 +183,7 @@ def rsvd_ref(A: torch.Tensor, rank: int, *, oversample: Optional[int] = None, ni
     _check(A, rank, oversample, niter, tol)
     m, n = A.shape[-2:]
     batch = A.shape[:-2]
-    wdt = _work_dtype(A.dtype)
+    wdt = math_dtype(A.dtype)
     k = min(rank + (3 * rank if oversample is None else oversample), m, n)
     niter = (12 if tol is not None else 6) if niter is None else niter
     omega = torch.randn((*batch, n, k), dtype=wdt, device=A.device, generator=generator)

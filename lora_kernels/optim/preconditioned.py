@@ -25,22 +25,23 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lora_kernels.modules import FusedLoRALinear
+from lora_kernels.config import math_dtype
+from lora_kernels.model.inject import lora_layers
 
 Pair = Tuple[nn.Parameter, nn.Parameter]
 
 
 def lora_pairs(model: nn.Module) -> List[Pair]:
-    """(lora_A, lora_B) of every FusedLoRALinear in ``model``."""
-    pairs = [(m.lora_A, m.lora_B) for m in model.modules() if isinstance(m, FusedLoRALinear)]
+    """(lora_A, lora_B) of every FusedLoRALinear in ``model`` (``lora_layers``)."""
+    pairs = [(m.lora_A, m.lora_B) for m in lora_layers(model)]
     if not pairs:
         raise ValueError("model has no FusedLoRALinear layer: nothing to precondition")
     return pairs
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
-    """fp32 for fp32/fp16/bf16 factors, fp64 kept as fp64."""
-    return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    """The factor detached, in ``math_dtype`` (fp32 for fp32/fp16/bf16, fp64 kept as fp64)."""
+    return t.detach().to(math_dtype(t))
 
 
 def _batched_inverse(mats: List[torch.Tensor], damping: float) -> List[torch.Tensor]:
