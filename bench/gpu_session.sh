@@ -80,7 +80,7 @@ for s in "${steps[@]}"; do
       if [ "$b" -gt 0 ]; then built || do_build; b=$(budget tests "${BUDGET_TESTS:-300}"); fi
       if [ "$b" -le 0 ]; then echo "skipped tests: no time left before the limit" | tee -a "$log"; continue; fi
       step "GPU tests (kernels first; the benchmark test is skipped: the benchmarks ran above), timeout ${b}s"
-      timeout "$b" python3 -m pytest tests/test_gpu.py tests/test_rsvd.py tests/test_compile.py -m gpu -v --tb=short \
+      timeout "$b" python3 -m pytest tests/ops/test_gpu.py tests/ops/test_rsvd.py tests/ops/test_compile.py -m gpu -v --tb=short \
         -p no:cacheprovider >"$run_dir/gpu_tests.log" 2>&1; echo "gpu tests rc=$? (124: cut by the timeout)" | tee -a "$log"
       grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$run_dir/gpu_tests.log" | tail -15 | tee -a "$log" ;;
     *)

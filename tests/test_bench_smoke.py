@@ -6,22 +6,15 @@ same run, and the saved-activation column showing that B-only keeps only N×r (t
 """
 
 import csv
-import importlib.util
-import os
-import sys
 
 import pytest
+import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.helpers import error_floor, load_repo_module
 
 
 def _load_bench():
-    path = os.path.join(HERE, "..", "bench", "bench_lora_linear.py")
-    spec = importlib.util.spec_from_file_location("bench_lora_linear", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_module("bench", "bench_lora_linear.py")
 
 
 def test_bench_smoke(tmp_path):
@@ -31,11 +24,13 @@ def test_bench_smoke(tmp_path):
     assert {"linear", "addmm", "ours", "ours-fused", "ours-split"} <= providers and len(providers) == 6
     assert all(r["ratio"] > 0 for r in rows)
     assert all(r["ratio"] == 1.0 for r in rows if r["provider"] == "linear")
-    # numerics in the same run: ours within 2x of torch's own fp32 error + one ulp
+    # numerics in the same run: ours within 2x of torch's own fp32 error + a floor of the dtype's eps and the
+    # reduction length (torch's error can be ~0 by luck of the CPU's BLAS, so no fixed one-ulp floor holds everywhere)
+    n, d_in, d_out, r_ = 37, 64, 48, 4
+    floor = error_floor(torch.float32, d_in + d_out + r_)
     for r in rows:
         for k in ("y", "dx", "dA", "dB"):
-            assert r[f"err_{k}"] <= 2 * r[f"err_torch_{k}"] + 1.2e-7
-    n, d_in, r_ = 37, 64, 4
+            assert r[f"err_{k}"] <= 2 * r[f"err_torch_{k}"] + floor
     ours = ("ours", "ours-fused", "ours-split")  # the arrangement changes nothing about what is saved
     ours_b = [r for r in rows if r["provider"] in ours and r["mode"] == "fwdbwd-B"]
     seed = 8  # the dropout seed, one int64
@@ -54,12 +49,7 @@ def test_bench_quick_gpu(tmp_path):
 
 
 def _load(name):
-    path = os.path.join(HERE, "..", "bench", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_module("bench", f"{name}.py")
 
 
 def test_bench_rsvd_smoke(tmp_path):

@@ -3,7 +3,7 @@
 import os
 import re
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from tests.helpers import REPO_ROOT as ROOT
 
 
 def test_ci_runs_the_readme_test_command():

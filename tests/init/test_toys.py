@@ -4,22 +4,13 @@ Thresholds sit well inside the margins measured over seeds 0-4 (see each asserti
 bench/experiments/{lora_one_toy,asymmetry_toy}.py run the same functions at full size.
 """
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.helpers import load_repo_module
 
 
 def _load(name):
-    path = os.path.join(HERE, "..", "bench", "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_module("bench", "experiments", f"{name}.py")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

@@ -15,46 +15,9 @@ import torch.nn as nn
 
 from lora_kernels import (FusedLoRALinear, inject_lora, load_adapter, merge_lora, save_adapter, trainable_parameters,
                           unload_lora, unmerge_lora)
+from tests.helpers import IDX, randomise_adapters, tiny
 
 DT = torch.float64
-
-
-class Tiny(nn.Module):
-    def __init__(self, dt=DT):
-        super().__init__()
-        self.embed = nn.Embedding(50, 16, dtype=dt)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"q_proj": nn.Linear(16, 16, dtype=dt), "v_proj": nn.Linear(16, 16, dtype=dt),
-                           "up_proj": nn.Linear(16, 32, dtype=dt), "down_proj": nn.Linear(32, 16, dtype=dt)})
-            for _ in range(2))
-        self.lm_head = nn.Linear(16, 50, bias=False, dtype=dt)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def forward(self, idx):
-        h = self.embed(idx)
-        for b in self.blocks:
-            h = h + b["v_proj"](torch.tanh(b["q_proj"](h)))
-            h = h + b["down_proj"](torch.relu(b["up_proj"](h)))
-        return self.lm_head(h)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Tiny()
-
-
-def randomise_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FusedLoRALinear):
-                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g, dtype=DT) * 0.1)
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g, dtype=DT) * 0.1)
-
-
-IDX = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from lora_kernels import FusedLoRALinear, lora_linear_ref
+from tests.helpers import rel_err, standalone_bound
 
 
 def test_from_linear_shares_weight_and_loads_linear_checkpoint(backend):
@@ -71,11 +72,12 @@ def test_forward_matches_reference_and_merge_roundtrip(backend, mode):
     x = torch.randn(2, 9, 24)
     ref = lora_linear_ref(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, upcast=True)
     y = m(x)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+    bound = standalone_bound(torch.float32, 24 + 18 + 6)  # fp32 vs float64, reductions over in, out and r
+    assert rel_err(y, ref) <= bound
     w0 = m.weight.detach().clone()
     m.merge()
     assert m.merged
-    assert ((m(x).double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert rel_err(m(x), ref) <= bound
     m.unmerge()
     assert not m.merged and torch.allclose(m.weight, w0, atol=1e-6)
     assert torch.allclose(m(x), y, atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 
 import lora_kernels.ops.fused_lora_linear  # noqa: F401  (registers torch.ops.lora_kernels.*)
 from lora_kernels import FusedLoRALinear, lora_linear
-from tests.test_integration import IDX, randomise_adapters, tiny
+from tests.helpers import IDX, randomise_adapters, tiny
 
 OPS = torch.ops.lora_kernels
 

@@ -16,17 +16,14 @@ import sys
 import pytest
 
 from lora_kernels._backend import HAS_TRITON
+from tests.helpers import load_repo_module, repo_path
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "sm90_compile_report.py")
+_TOOL = repo_path("bench", "sm90_compile_report.py")
 
 if HAS_TRITON:
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("sm90_compile_report", _TOOL)
-    aot = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(aot)
+    aot = load_repo_module("bench", "sm90_compile_report.py")
 
     NAMES = [(v.name, v.dtype) for v in aot.checked_variants()]
 else:  # pragma: no cover

@@ -3,6 +3,7 @@
 Skipped cleanly on machines without CUDA (the ``gpu`` marker, resolved in conftest at collection time).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,10 +11,10 @@ from lora_kernels import dropout_mask, lora_linear, lora_linear_ref, settings
 from lora_kernels._backend import HAS_TRITON
 from lora_kernels.ops import gemm_arrangement, gemm_arrangement_report
 from lora_kernels.ops.lora_linear import arrangement
+from tests.helpers import MODES, make_case, philox_keep_mask, rel_err, run_and_compare
 
 if HAS_TRITON:
     from lora_kernels.ops.lora_linear import tuning
-from tests.test_lora_linear import MODES, make_case, rel_err, run_and_compare
 
 pytestmark = pytest.mark.gpu
 
@@ -69,12 +70,20 @@ def test_gpu_beyond_int32_offsets():
     del dx, da, db, y, x
 
 
-def test_gpu_dropout_mask_matches_cpu_interpreter_definition():
-    """The mask depends only on (seed, index): reproducible across calls and shapes' tails."""
-    m1 = dropout_mask(11, (513, 1000), 0.3, "cuda")
-    m2 = dropout_mask(11, (513, 1000), 0.3, "cuda")
-    assert torch.equal(m1, m2)
-    assert abs(m1.float().mean().item() - 0.7) < 0.01
+@pytest.mark.parametrize("seed", [11, 2**32 + 7], ids=["seed11", "seed2^32+7"])
+def test_gpu_dropout_mask_matches_cpu_interpreter_definition(seed):
+    """The CUDA kernels' mask is, bit for bit, the numpy Philox reference (tests.helpers.philox_keep_mask) that the
+    CPU interpreter's mask is checked against in test_dropout.py -- odd widths and a seed ≥ 2³² included -- and it
+    is reproducible across calls."""
+    if not HAS_TRITON:
+        pytest.skip("the Philox mask is the Triton kernels' (the PyTorch path uses torch's generator)")
+    for shape, p in (((513, 1000), 0.3), ((7, 13), 0.5), ((33, 50), 0.1), ((64, 130), 0.9)):
+        m1 = dropout_mask(seed, shape, p, "cuda")
+        assert m1.device.type == "cuda" and m1.dtype == torch.bool and m1.shape == shape
+        assert torch.equal(m1, dropout_mask(seed, shape, p, "cuda"))
+        assert np.array_equal(m1.cpu().numpy(), philox_keep_mask(seed, shape, p)), f"{shape}, p={p}"
+    m = dropout_mask(seed, (513, 1000), 0.3, "cuda")
+    assert abs(m.float().mean().item() - 0.7) < 0.01
 
 
 def _candidates():

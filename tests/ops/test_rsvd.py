@@ -1,7 +1,8 @@
 """rsvd against float64 torch.linalg.svd on matrices with known spectra, and the extension's Jacobi vs LAPACK.
 
-Measures (CONVENTIONS 11): singular values by relative error, subspaces by the largest principal-angle sine,
-reconstruction against the optimal rank-r error; never raw vectors (signs are arbitrary).
+What is compared: singular values by relative error, subspaces by the largest principal-angle sine, the
+reconstruction against the optimal rank-r error -- never raw singular vectors, whose signs (and, within a repeated
+singular value, whose basis) are arbitrary, so two correct SVDs can differ in them entirely.
 
 Tolerances at the defaults (k = 4r, 6 subspace iterations), from the convergence measured in docs/rsvd.md:
 the slowest spectrum (σᵢ ∝ i^-0.5, relative gap σ_r/σ_{r+1} − 1 ≈ 3% at r = 16) reaches sinΘ ≈ 2e-4, so it is held
@@ -14,6 +15,7 @@ import torch
 
 from lora_kernels import _extension, rsvd, rsvd_ref
 from lora_kernels.ops.rsvd import orth, principal_sine
+from tests.helpers import repo_path, standalone_bound
 
 
 def with_spectrum(m, n, sigma, batch=(), seed=0):
@@ -95,7 +97,7 @@ def test_rank_deficient_zero_and_thin():
     row = torch.randn(1, 50)
     U, S, V = rsvd(row, 1)
     assert abs(S.item() - row.norm().item()) < 1e-5 * row.norm().item()
-    assert principal_sine(V, (row / row.norm()).t()).item() < 1e-6
+    assert principal_sine(V, (row / row.norm()).t()).item() <= standalone_bound(torch.float32, 50)  # fp32, 50 long
     col = torch.randn(70, 1)
     U, S, V = rsvd(col, 1)
     assert abs(S.item() - col.norm().item()) < 1e-5 * col.norm().item()
@@ -214,14 +216,13 @@ def test_jacobi_bad_input_names_argument():
 
 def test_cuda_kernel_compiles_for_sm90(tmp_path):
     """The CUDA Jacobi kernel is plain CUDA: nvcc (where present) must compile it for Hopper."""
-    import os
     import shutil
     import subprocess
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
-    src = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "jacobi_svd_kernel.cu")
+    src = repo_path("csrc", "cuda", "jacobi_svd_kernel.cu")
     out = tmp_path / "k.o"
     proc = subprocess.run([nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90,code=sm_90", "-c", src, "-o",
                            str(out)], capture_output=True, text=True)
