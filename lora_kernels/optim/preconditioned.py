@@ -2,19 +2,26 @@
 
 For each adapter y = x Wᵀ + s·x Aᵀ Bᵀ with A (r×in) and B (out×r):
     g̃_A = (BᵀB + λI)⁻¹ g_A          g̃_B = g_B (AAᵀ + λI)⁻¹
-then the usual AdamW moments and step (``PreconditionedAdamW``) or plain SGD (``PreconditionedSGD``) on g̃.
-Frozen factors are skipped (B-only: only (AAᵀ + λI)⁻¹ acts, on B).  λ defaults to 1e-6.
+then AdamW moments and step (``PreconditionedAdamW``) or plain SGD (``PreconditionedSGD``) on g̃.
+Frozen factors are skipped (B-only: only (AAᵀ + λI)⁻¹ acts, on B).  λ (``precond_damping``) defaults to 1e-6.
+
+``PreconditionedAdamW``'s defaults reproduce ``AdamWr`` of the LoRA-One authors' ``prec_logTrainer.py`` (the
+optimizer of their preconditioned runs; docs/inits.md quotes the lines), step for step:
+  * no bias correction (``correct_bias=False``; ``True`` gives torch.optim.AdamW's bias-corrected moments);
+  * λ = 1e-6, betas (0.9, 0.999), eps 1e-8 added to √v (outside the square root);
+  * A is preconditioned with the current B and updated first; B's preconditioner is then built from the *updated*
+    A (``use_updated_A=True``; ``False`` uses the factors from before the step for both);
+  * decoupled weight decay p ← p·(1 − lr·wd) applied *after* the Adam step (``decay_after_update=True``; ``False``
+    applies it before, as torch.optim.AdamW does), so B's preconditioner sees A after its decay too.
+With ``correct_bias=True, decay_after_update=False, use_updated_A=False`` each step is torch.optim.AdamW fed g̃.
 
 Pairs come from the modules (``from_model`` finds every FusedLoRALinear), never from parameter order.  Each
 step solves all r×r systems of equal r with one batched Cholesky (``torch.linalg.cholesky_ex`` +
 ``cholesky_inverse``) in fp32 (fp64 for fp64 factors); an element whose Cholesky fails falls back to a
 pseudo-inverse.
 
-Order within a step (``use_updated_A=True``, the default, as in the LoRA-One authors' code): A is preconditioned
-with the current B and updated first, then B's preconditioner is built from the *updated* A.  With
-``use_updated_A=False`` both preconditioners use the factors from before the step.
-
-Parameters that are not part of a pair (e.g. a trainable head) get the plain AdamW / SGD update.
+Parameters that are not part of a pair (e.g. a trainable head) get the plain AdamW / SGD update with the same
+settings.
 """
 
 from __future__ import annotations
@@ -131,17 +138,30 @@ class _PreconditionedBase(torch.optim.Optimizer):
 class PreconditionedAdamW(_PreconditionedBase):
     """AdamW on the r×r-preconditioned LoRA gradients (see module docstring).
 
-    ``bias_correction=True`` (default) uses Adam's bias-corrected moments; ``False`` uses the raw moments.
+    Defaults follow the LoRA-One authors' ``AdamWr``: ``correct_bias=False`` (raw moments: m/(√v + eps), no
+    1/(1−β^t) factors), λ = 1e-6, A updated first and B preconditioned with the updated A, weight decay applied
+    after the step.  ``correct_bias=True`` gives Adam's usual bias correction, exactly as torch.optim.AdamW
+    (m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ), step lr·m̂/(√v̂ + eps)).  Early steps differ a lot between the two: with
+    β₂ = 0.999 an uncorrected step is (1−β₁ᵗ)/√(1−β₂ᵗ) times the corrected one: 3.2× at t = 1, 6.5× at t = 10,
+    3.2× at t = 100, 1.26× at t = 1000.
+    ``bias_correction=`` is the former name of ``correct_bias`` (deprecated).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 *, pairs: Optional[Iterable[Pair]] = None, precond_damping: float = 1e-6, bias_correction: bool = True,
-                 use_updated_A: bool = True):
+                 *, pairs: Optional[Iterable[Pair]] = None, precond_damping: float = 1e-6, correct_bias: bool = False,
+                 decay_after_update: bool = True, use_updated_A: bool = True, bias_correction: Optional[bool] = None):
+        if bias_correction is not None:
+            warnings.warn("PreconditionedAdamW(bias_correction=) is deprecated: use correct_bias= (the default is now "
+                          "False, as in the LoRA-One authors' AdamWr)", DeprecationWarning, stacklevel=2)
+            correct_bias = bias_correction
         if not lr >= 0:
             raise ValueError(f"lr must be ≥ 0, got {lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+        if not eps >= 0:
+            raise ValueError(f"eps must be ≥ 0, got {eps!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=bool(correct_bias),
+                        decay_after_update=bool(decay_after_update))
         super().__init__(params, defaults, pairs, precond_damping, use_updated_A)
 
     def _apply(self, p, grad, group):
@@ -153,20 +173,33 @@ class PreconditionedAdamW(_PreconditionedBase):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         step = float(state["step"])
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
+        # groups saved before the rename carry "bias_correction" (and decayed before the step)
+        correct_bias = group.get("correct_bias", group.get("bias_correction", False))
+        decay_after = group.get("decay_after_update", "bias_correction" not in group)
+        decay = 1 - group["lr"] * group["weight_decay"]
+        if group["weight_decay"] and not decay_after:
+            p.mul_(decay)
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if group["bias_correction"]:
+        if correct_bias:
             c1, c2 = 1 - beta1**step, 1 - beta2**step
+            denom = (state["exp_avg_sq"] / c2).sqrt_().add_(group["eps"])
         else:
-            c1 = c2 = 1.0
-        denom = (state["exp_avg_sq"] / c2).sqrt_().add_(group["eps"])
+            c1 = 1.0
+            denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / c1)
+        if group["weight_decay"] and decay_after:
+            p.mul_(decay)
 
 
 class PreconditionedSGD(_PreconditionedBase):
-    """SGD (optional momentum and decoupled weight decay) on the preconditioned LoRA gradients."""
+    """SGD (optional momentum and decoupled weight decay) on the preconditioned LoRA gradients.
+
+    The LoRA-One code has no preconditioned SGD.  ``SGDr`` of the Riemannian-preconditioned LoRA code
+    (pilancilab/Riemannian_Preconditioned_LoRA, e.g. ``Mix-of-Show/custom_optimizers.py``) builds both
+    preconditioners from the pre-step factors (``use_updated_A=False`` here), with λ = 0, and decays before the
+    step (as here).  Our default ``use_updated_A=True`` keeps the Adam variant's order instead.
+    """
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0, *,
                  pairs: Optional[Iterable[Pair]] = None, precond_damping: float = 1e-6, use_updated_A: bool = True):

@@ -68,13 +68,14 @@ def test_b_only_uses_only_a_preconditioner():
     assert all(id(l.lora_A) not in {id(p) for p in opt.state} for l in m)
 
 
-@pytest.mark.parametrize("bias_correction", [True, False])
-def test_adamw_equals_torch_adamw_on_preconditioned_gradient(bias_correction):
-    """With use_updated_A=False, each step is exactly torch AdamW fed g̃ (bias correction on)."""
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_adamw_equals_torch_adamw_on_preconditioned_gradient(correct_bias):
+    """With use_updated_A=False, decay_after_update=False and correct_bias=True, each step is exactly torch AdamW
+    fed g̃."""
     m = model()
     ref = copy.deepcopy(m)
-    opt = PreconditionedAdamW.from_model(m, lr=1e-2, weight_decay=0.1, use_updated_A=False,
-                                         bias_correction=bias_correction)
+    opt = PreconditionedAdamW.from_model(m, lr=1e-2, weight_decay=0.1, use_updated_A=False, decay_after_update=False,
+                                         correct_bias=correct_bias)
     ref_params = [p for l in ref for p in (l.lora_A, l.lora_B)]
     ref_opt = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1)
     for step in range(3):
@@ -91,7 +92,7 @@ def test_adamw_equals_torch_adamw_on_preconditioned_gradient(bias_correction):
         ref_opt.step()
     close = all(torch.allclose(a.lora_A, b.lora_A, rtol=1e-9) and torch.allclose(a.lora_B, b.lora_B, rtol=1e-9)
                 for a, b in zip(m, ref))
-    assert close == bias_correction  # without bias correction the early steps are (correctly) different
+    assert close == correct_bias  # without bias correction (the default) the early steps are different
 
 
 def test_pairs_come_from_modules_not_parameter_order():
