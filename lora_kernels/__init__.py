@@ -20,6 +20,8 @@ Model surgery
     merge_lora, unmerge_lora, unload_lora, trainable_parameters (-> TrainableSummary)
 Adapter files (PEFT format, both ways)
     save_adapter, load_adapter
+Existing PEFT models
+    patch_peft, unpatch_peft, is_peft_patched   run a PeftModel's LoRA Linear layers on the fused kernels in place
 Initialisations (``lora_kernels.init``)
     lora_one_init, lora_ga_init, pissa_init (-> InitReport of LayerReport), collect_gradients
 Optimizers (``lora_kernels.optim``)
@@ -36,6 +38,7 @@ from lora_kernels.config import LoRAConfig
 from lora_kernels.init import InitReport, LayerReport, collect_gradients, lora_ga_init, lora_one_init, pissa_init
 from lora_kernels.model import (TrainableSummary, inject_lora, load_adapter, lora_layers, merge_lora,
                                 named_lora_layers, save_adapter, trainable_parameters, unload_lora, unmerge_lora)
+from lora_kernels.model.peft_patch import is_peft_patched, patch_peft, unpatch_peft
 from lora_kernels.modules import FusedLoRALinear
 from lora_kernels.ops import (LoRALinearFunction, dropout_mask, gemm_arrangement, gemm_arrangement_report, lora_linear,
                               lora_linear_ref)
@@ -55,6 +58,7 @@ __version__ = "0.1.0"
 # LoRALinearFunction stays importable but out of __all__: pydoc would dump torch.autograd.Function's docs with it.
 __all__ = ["FusedLoRALinear", "InitReport", "LayerReport", "LoRAConfig", "PreconditionedAdamW", "PreconditionedSGD",
            "TrainableSummary", "collect_gradients", "dropout_mask", "gemm_arrangement", "gemm_arrangement_report",
-           "has_extension", "inject_lora", "load_adapter", "logger", "lora_ga_init", "lora_layers", "lora_linear",
-           "lora_linear_ref", "lora_one_init", "lora_pairs", "merge_lora", "named_lora_layers", "pissa_init", "rsvd",
-           "rsvd_ref", "save_adapter", "trainable_parameters", "unload_lora", "unmerge_lora", "__version__"]
+           "has_extension", "inject_lora", "is_peft_patched", "load_adapter", "logger", "lora_ga_init", "lora_layers", "lora_linear",
+           "lora_linear_ref", "lora_one_init", "lora_pairs", "merge_lora", "named_lora_layers", "patch_peft", "pissa_init",
+           "rsvd", "rsvd_ref", "save_adapter", "trainable_parameters", "unload_lora", "unmerge_lora", "unpatch_peft",
+           "__version__"]
