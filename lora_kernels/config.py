@@ -10,7 +10,11 @@ The shared rules:
   * ``trainable_factors(mode)``: which of (A, B) trains in a mode;
   * ``pattern_value(name, pattern, default)``: PEFT's rank_pattern / alpha_pattern lookup;
   * ``is_saved_module`` / ``within_saved_module``: PEFT's modules_to_save matching;
-  * ``math_dtype(x)``: the precision of adapter-side arithmetic (fp64 stays fp64, everything else in fp32).
+  * ``math_dtype(x)``: the precision of adapter-side arithmetic (fp64 stays fp64, everything else in fp32);
+  * ``default_init(mode)``: the random factor's default draw per mode (orthogonal in "B", PEFT's kaiming otherwise);
+  * ``exact_targets`` / ``exact_pattern_key``: how a saved adapter names exactly its layers, so that PEFT's matching
+    (suffixes, regexes) reloads exactly those modules and no others;
+  * ``peft_default_targets(model_type)``: PEFT's per-architecture targets for ``target_modules: null``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ INITS = ("kaiming", "gaussian", "orthogonal")
 Targets = Union[str, Tuple[str, ...]]
 
 # PEFT adapter_config.json entries lora_kernels cannot honour: a true flag, or any value set at all.
-_PEFT_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "fan_in_fan_out", "use_bdlora", "use_qalora")
+# (ensure_weight_tying: PEFT then trains a saved module's weight tied to the embeddings; lora_kernels always trains
+# an untied copy, PEFT's default.)
+_PEFT_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_bdlora", "use_qalora", "ensure_weight_tying")
 _PEFT_UNSUPPORTED_SET = ("layers_to_transform", "layer_replication", "target_parameters", "trainable_token_indices",
                          "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config")
 # init_lora_weights values that only set A/B; the others (pissa, olora, loftq, corda, eva, lora_ga...) also change
@@ -56,6 +62,55 @@ def math_dtype(x: Union[torch.dtype, torch.Tensor]) -> torch.dtype:
     fp64 model is never silently downcast."""
     dt = x.dtype if isinstance(x, torch.Tensor) else x
     return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def default_init(mode: str) -> str:
+    """The random factor's draw when ``init_A`` is not given: "orthogonal" in mode "B" (the asymmetry paper's frozen A
+    has orthonormal rows, σ = 1; kaiming-uniform would give σ ≈ 0.58 and so a ≈ 0.58× smaller effective step),
+    PEFT's "kaiming" in modes "AB" and "A"."""
+    return "orthogonal" if mode == "B" else "kaiming"
+
+
+def exact_pattern_key(name: str, names: Sequence[str]) -> str:
+    """A rank_pattern / alpha_pattern key that selects the module ``name`` and no other of ``names`` under PEFT's
+    rule (``pattern_value``): the name itself when, read as that rule's regex, it selects no other name (e.g. none
+    ends with "." + name), else "^" + the escaped name (in ``(.*\\.)?(?:^…)`` the caret only matches at the start,
+    so the prefix must be empty)."""
+    if any(n != name and pattern_value(n, {name: True}, False) for n in names):
+        return "^" + re.escape(name)
+    return name
+
+
+def exact_targets(names: Sequence[str], all_names: Sequence[str]) -> Targets:
+    """``target_modules`` that match exactly ``names`` among the model's module names ``all_names`` under PEFT's
+    rules (and ours): the sorted list of full names when their suffix matching picks no other module, else a regex
+    (``re.fullmatch``) alternating the escaped full names."""
+    chosen = tuple(sorted(set(names)))
+    extra = [n for n in all_names if n not in chosen and any(n.endswith("." + t) for t in chosen)]
+    if not extra:
+        return chosen
+    return "^(?:" + "|".join(re.escape(n) for n in chosen) + ")$"
+
+
+def peft_default_targets(model_type: Optional[str], where: str = "") -> Tuple[str, ...]:
+    """PEFT's ``target_modules`` for ``target_modules: null``: its per-architecture defaults
+    (``peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``) for the model's
+    ``config.model_type``.  Raises ValueError (prefixed by ``where``) when there are none or PEFT is not installed."""
+    fix = "set target_modules in the adapter config"
+    if not model_type:
+        raise ValueError(f"{where}target_modules is null: PEFT then uses its per-architecture defaults for the model's "
+                         f"config.model_type, and this model has no config.model_type; {fix}")
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+    except ImportError:
+        raise ValueError(f"{where}target_modules is null: PEFT's per-architecture defaults "
+                         f"(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) are needed to resolve it for "
+                         f"model_type {model_type!r}, and peft is not installed; {fix}") from None
+    targets = mapping.get(model_type)
+    if not targets:
+        raise ValueError(f"{where}target_modules is null and PEFT has no default target modules for model_type "
+                         f"{model_type!r} (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING); {fix}")
+    return (targets,) if isinstance(targets, str) else tuple(sorted(targets))
 
 
 def pattern_value(name: str, pattern: Optional[Mapping[str, Any]], default):
@@ -114,7 +169,12 @@ class LoRAConfig:
     target_modules: ``"all-linear"``, a regex matching full module names, or a tuple of names / name suffixes;
     exclude_modules: the same kinds, removed from the targets.  rank_pattern / alpha_pattern: {regex: value}
     overriding r / lora_alpha per module (``for_module``).  modules_to_save: modules trained and saved in full.
-    mode: which factor trains (``MODES``, ``trainable_factors``); init_A: how the random factor is drawn (``INITS``).
+    mode: which factor trains (``MODES``, ``trainable_factors``); init_A: how the random factor is drawn (``INITS``;
+    None: ``default_init(mode)``, orthogonal in mode "B", kaiming otherwise; resolved on construction).
+    fan_in_fan_out: the base weight is stored in×out (transformers' ``Conv1D``, GPT-2); inject_lora sets it per layer
+    from the module's type, as PEFT does, and save_adapter writes it when the adapted layers are Conv1D.
+    autocast_adapter_dtype: fp16/bf16 base layers get fp32 adapters (PEFT's name and default; not part of
+    adapter_config.json; honoured once the kernels take fp32 adapters, see ``lora_kernels.modules.lora_linear``).
     Lists are stored as tuples and None patterns as {}; ``replace(**changes)`` gives a validated copy.
     """
 
@@ -128,7 +188,9 @@ class LoRAConfig:
     alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Optional[Tuple[str, ...]] = None
     mode: str = "AB"
-    init_A: str = "kaiming"
+    init_A: Optional[str] = None
+    fan_in_fan_out: bool = False
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -140,6 +202,8 @@ class LoRAConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             put(name, {} if value is None else dict(value) if isinstance(value, Mapping) else value)
+        if self.init_A is None and isinstance(self.mode, str) and self.mode in MODES:
+            put("init_A", default_init(self.mode))
         self.validate()
         put("r", int(self.r))
         put("lora_dropout", float(self.lora_dropout))
@@ -171,7 +235,10 @@ class LoRAConfig:
         if not isinstance(self.mode, str) or self.mode not in MODES:
             fail("mode", f"one of {MODES}", self.mode)
         if not isinstance(self.init_A, str) or self.init_A not in INITS:
-            fail("init_A", f"one of {INITS}", self.init_A)
+            fail("init_A", f"one of {INITS} or None", self.init_A)
+        for flag in ("fan_in_fan_out", "autocast_adapter_dtype"):
+            if not isinstance(getattr(self, flag), bool):
+                fail(flag, "a bool", getattr(self, flag), _ConfigTypeError)
         self._check_targets("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             self._check_targets("exclude_modules", self.exclude_modules, allow_empty=True)
@@ -236,7 +303,8 @@ class LoRAConfig:
 
     def for_layer(self, name: Optional[str] = None) -> "LoRAConfig":
         """The settings one layer keeps: r and lora_alpha resolved for ``name`` (when given), the model-level fields
-        (targets, exclusions, patterns, modules_to_save) back at their defaults."""
+        (targets, exclusions, patterns, modules_to_save) back at their defaults; fan_in_fan_out is the layer's own
+        (inject_lora sets it from the module's type)."""
         r, alpha = self.for_module(name) if name is not None else (self.r, self.lora_alpha)
         return self.replace(r=r, lora_alpha=alpha, target_modules="all-linear", exclude_modules=None, rank_pattern={},
                             alpha_pattern={}, modules_to_save=None)
@@ -246,8 +314,9 @@ class LoRAConfig:
                      inference_mode: bool = True) -> Dict[str, Any]:
         """PEFT's adapter_config.json for this config (``peft.LoraConfig(**d)`` accepts it, minus ``peft_type``).
 
-        mode and init_A are not PEFT's: mode travels in the adapter file's metadata, and a saved adapter holds
-        trained factors, so its init is moot (``init_lora_weights`` is True)."""
+        mode, init_A and autocast_adapter_dtype are not PEFT's adapter_config.json entries: mode travels in the
+        adapter file's metadata, a saved adapter holds trained factors, so its init is moot (``init_lora_weights`` is
+        True), and autocast_adapter_dtype is a loading option (PEFT's ``from_pretrained`` argument)."""
         def names(v):
             return v if v is None or isinstance(v, str) else list(v)
 
@@ -265,7 +334,7 @@ class LoRAConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": names(self.modules_to_save),
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "init_lora_weights": True,
             "inference_mode": inference_mode,
             "use_dora": False,
@@ -273,11 +342,16 @@ class LoRAConfig:
 
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any], path_for_errors: Optional[str] = None, *, mode: str = "AB",
-                       init_A: str = "kaiming") -> "LoRAConfig":
-        """The config of a PEFT adapter_config.json (or ``peft.LoraConfig(...).to_dict()``); ``mode`` / ``init_A``
-        are ours and given separately.  Refuses what lora_kernels cannot reproduce (DoRA, bias training,
+                       init_A: Optional[str] = None, model_type: Optional[str] = None,
+                       autocast_adapter_dtype: bool = True) -> "LoRAConfig":
+        """The config of a PEFT adapter_config.json (or ``peft.LoraConfig(...).to_dict()``); ``mode`` / ``init_A`` /
+        ``autocast_adapter_dtype`` are ours and given separately.  ``target_modules: null`` takes PEFT's defaults for
+        ``model_type`` (``peft_default_targets``).  Refuses what lora_kernels cannot reproduce (DoRA, bias training,
         base-modifying inits...); errors start with ``path_for_errors`` when given."""
         where = f"{path_for_errors}: " if path_for_errors else ""
+        if not isinstance(d, Mapping):
+            raise _ConfigTypeError(f"{where}the adapter config must be a JSON object (a mapping of PEFT's LoraConfig "
+                                   f"fields), got a {type(d).__name__}")
         if d.get("peft_type") != "LORA":
             raise ValueError(f"{where}peft_type is {d.get('peft_type')!r}, only 'LORA' adapters are supported")
         for key in _PEFT_UNSUPPORTED_TRUE:
@@ -287,7 +361,7 @@ class LoRAConfig:
             if d.get(key) not in (None, [], {}):
                 raise ValueError(f"{where}{key}={d[key]!r} is not supported by lora_kernels")
         init = d.get("init_lora_weights", True)
-        if init not in _PEFT_PLAIN_INITS:
+        if not isinstance(init, (bool, str)) or init not in _PEFT_PLAIN_INITS:
             raise ValueError(f"{where}init_lora_weights={init!r} also modifies the base weights, which this adapter "
                              f"file does not contain; not supported")
         if "r" not in d:
@@ -295,13 +369,15 @@ class LoRAConfig:
         if d.get("bias", "none") != "none":
             raise ValueError(f"{where}bias={d['bias']!r} is not supported (only 'none')")
         targets = d.get("target_modules")
+        if targets is None:
+            targets = peft_default_targets(model_type, where)
         try:
             return cls(r=d["r"], lora_alpha=d.get("lora_alpha", d["r"]), lora_dropout=d.get("lora_dropout", 0.0),
-                       use_rslora=d.get("use_rslora", False),
-                       target_modules="all-linear" if targets is None else targets,
+                       use_rslora=d.get("use_rslora", False), target_modules=targets,
                        exclude_modules=d.get("exclude_modules") or None, rank_pattern=d.get("rank_pattern") or {},
                        alpha_pattern=d.get("alpha_pattern") or {}, modules_to_save=d.get("modules_to_save") or None,
-                       mode=mode, init_A=init_A)
+                       fan_in_fan_out=d.get("fan_in_fan_out", False), mode=mode, init_A=init_A,
+                       autocast_adapter_dtype=autocast_adapter_dtype)
         except (TypeError, ValueError) as e:
             if not where:
                 raise

@@ -205,3 +205,60 @@ def randomise_adapters(model, seed=1):
 
 
 IDX = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# "Left as it was": a model's complete state, compared bit for bit
+# ------------------------------------------------------------------------------------------------------------
+
+_NO_CONFIG = object()
+
+
+def _bits(t):
+    t = t.detach().reshape(-1).contiguous()
+    return t.view(torch.uint8) if t.numel() else t
+
+
+def snapshot(model):
+    """Everything a failed call must leave as it was: the module tree (names, types, identities, training modes),
+    every parameter and buffer (identity, dtype, bits, requires_grad), each LoRA layer's config and merged flag, and
+    the model's recorded LoRAConfig."""
+    tensors = {}
+    for kind, items in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for n, t in items:
+            tensors[f"{kind}:{n}"] = (id(t), t.dtype, tuple(t.shape), _bits(t).clone(), t.requires_grad)
+    return {
+        "modules": [(n, type(m), id(m), m.training) for n, m in model.named_modules(remove_duplicate=False)],
+        "tensors": tensors,
+        "layers": {n: (m.lora_config, m.merged) for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)},
+        "config": getattr(model, "_lora_kernels_config", _NO_CONFIG),
+    }
+
+
+def assert_unchanged(model, snap):
+    """``model`` is bit-identical to ``snapshot`` ``snap`` (each difference is named)."""
+    now = snapshot(model)
+    assert now["modules"] == snap["modules"], "the module tree (names, types, identities or training modes) changed"
+    assert now["tensors"].keys() == snap["tensors"].keys(), "the set of parameters / buffers changed"
+    for name, (ident, dtype, shape, bits, grad) in snap["tensors"].items():
+        ident2, dtype2, shape2, bits2, grad2 = now["tensors"][name]
+        assert (ident2, dtype2, shape2) == (ident, dtype, shape), f"{name}: replaced"
+        assert torch.equal(bits2, bits), f"{name}: values changed"
+        assert grad2 == grad, f"{name}: requires_grad changed from {grad} to {grad2}"
+    assert now["layers"] == snap["layers"], "a LoRA layer's config or merged flag changed"
+    assert now["config"] is snap["config"] or now["config"] == snap["config"], "the recorded LoRAConfig changed"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Whole-model comparisons against a reference implementation (PEFT)
+# ------------------------------------------------------------------------------------------------------------
+
+def assert_matches_reference(got, same, ref64, k, what="output"):
+    """``got`` (ours, in some dtype) against a reference implementation run in float64 (``ref64``), with the bound of
+    ``run_and_compare``: 2 × the error of the same reference run in ``got``'s dtype (``same``) + ``error_floor`` for
+    a reduction length ``k`` (the sum of the reductions along the model's path).  Returns (ours, theirs) errors."""
+    err, base = rel_err(got, ref64), rel_err(same, ref64)
+    bound = 2 * base + error_floor(got.dtype, k)
+    assert err <= bound, f"{what}: rel err {err:.3e} vs the reference's own {base:.3e} (bound {bound:.3e})"
+    return err, base

@@ -192,7 +192,11 @@ def test_from_peft_dict_errors_name_the_file():
                     (dict(good, target_modules=[]), "target_modules")):
         with pytest.raises((ValueError, TypeError), match=rf"^/x/adapter_config.json: .*{word}"):
             LoRAConfig.from_peft_dict(d, path_for_errors="/x/adapter_config.json")
-    assert LoRAConfig.from_peft_dict({"peft_type": "LORA", "r": 4}) == LoRAConfig(r=4, lora_alpha=4)
+    # target_modules missing or null: PEFT's per-architecture defaults for the model's config.model_type
+    assert LoRAConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q"]}) == LoRAConfig(
+        r=4, lora_alpha=4, target_modules=("q",))
+    with pytest.raises(ValueError, match=r"^/x/adapter_config.json: target_modules is null.*model_type"):
+        LoRAConfig.from_peft_dict({"peft_type": "LORA", "r": 4}, path_for_errors="/x/adapter_config.json")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -248,11 +252,13 @@ def test_inject_accepts_config_positionally_and_by_keyword():
 
 
 def test_inject_signature_defaults_match_the_config():
-    defaults = LoRAConfig()
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig) if f.default is not dataclasses.MISSING}
     for fn in (inject_lora, FusedLoRALinear.__init__, FusedLoRALinear.from_linear):
         for name, p in inspect.signature(fn).parameters.items():
-            if hasattr(defaults, name) and name not in ("rank_pattern", "alpha_pattern"):
-                assert p.default == getattr(defaults, name), (fn.__qualname__, name)
+            if name in defaults and name not in ("rank_pattern", "alpha_pattern"):
+                assert p.default == defaults[name], (fn.__qualname__, name)
 
 
 @pytest.mark.parametrize("bad", [
@@ -304,3 +310,52 @@ def test_public_api_and_help():
     sections = re.split(r"^(?=[A-Z][A-Z ]+$)", page, flags=re.M)
     own = [s for s in sections if not s.startswith("CLASSES")]
     assert sum(len(s.splitlines()) for s in own) < 400
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rules added for PEFT parity: default init per mode, exact names in saved files, PEFT's default targets
+# ------------------------------------------------------------------------------------------------------------
+
+def test_default_init_per_mode():
+    from lora_kernels.config import default_init
+
+    assert [default_init(m) for m in MODES] == ["kaiming", "orthogonal", "kaiming"]
+    assert LoRAConfig(mode="B").init_A == "orthogonal" and LoRAConfig(mode="B", init_A="gaussian").init_A == "gaussian"
+    with pytest.raises(ValueError, match=r"LoRAConfig\.init_A"):
+        LoRAConfig(init_A="x")
+
+
+def test_exact_targets_and_pattern_keys_select_exactly_the_named_modules():
+    from lora_kernels.config import exact_pattern_key, exact_targets
+
+    every = ["fc", "sub", "sub.fc", "a", "a.fc", "b", "b.a", "b.a.fc", "q.proj", "qXproj"]
+
+    def peft_list_match(targets, name):
+        return name in targets or any(name.endswith("." + t) for t in targets)
+
+    for chosen in (["fc"], ["fc", "b.a.fc"], ["a.fc"], ["sub.fc", "a.fc", "b.a.fc"],
+                   ["fc", "sub.fc", "a.fc", "b.a.fc"]):
+        t = exact_targets(chosen, every)
+        picked = {n for n in every if (re.fullmatch(t, n) if isinstance(t, str) else peft_list_match(t, n))}
+        assert picked == set(chosen), (chosen, t)
+    assert exact_targets(["sub.fc", "b.a.fc"], every) == ("b.a.fc", "sub.fc")  # a plain list when that is exact
+    for name in every:
+        key = exact_pattern_key(name, every)
+        assert [n for n in every if pattern_value(n, {key: 1}, 0)] == [name], (name, key)
+    assert exact_pattern_key("sub.fc", every) == "sub.fc" and exact_pattern_key("fc", every) == "^fc"
+    assert exact_pattern_key("q.proj", every) == r"^q\.proj"  # "q.proj" read as a regex also selects "qXproj"
+
+
+def test_peft_default_targets_and_fan_in_fan_out_in_the_peft_dict():
+    pytest.importorskip("peft")
+    from lora_kernels.config import peft_default_targets
+
+    assert peft_default_targets("llama") == ("q_proj", "v_proj") and peft_default_targets("gpt2") == ("c_attn",)
+    with pytest.raises(ValueError, match="no default target modules for model_type 'nonesuch'"):
+        peft_default_targets("nonesuch")
+    d = {"peft_type": "LORA", "r": 4, "target_modules": None}
+    assert LoRAConfig.from_peft_dict(d, model_type="llama").target_modules == ("q_proj", "v_proj")
+    c = LoRAConfig(target_modules=("c_attn",), fan_in_fan_out=True)
+    assert c.to_peft_dict()["fan_in_fan_out"] is True and LoRAConfig.from_peft_dict(c.to_peft_dict()) == c
+    with pytest.raises(TypeError, match=r"LoRAConfig\.fan_in_fan_out"):
+        LoRAConfig(fan_in_fan_out="true")

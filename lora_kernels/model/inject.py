@@ -3,32 +3,46 @@
 Matching follows PEFT so that configs carry over:
   * ``target_modules`` as a list: a module matches if its full name equals an entry or ends with "." + entry;
   * as a string: a regular expression that must match the full module name (``re.fullmatch``);
-  * ``"all-linear"`` (any case): every nn.Linear except the output head ``model.get_output_embeddings()`` when the
-    model has one, as PEFT does for transformers models;
+  * ``"all-linear"`` (any case): every nn.Linear and transformers ``Conv1D`` except the output head
+    ``model.get_output_embeddings()`` when the model has one, as PEFT does for transformers models;
   * modules inside ``modules_to_save`` are never targeted (PEFT excludes them too); the rule for which modules are
     saved is ``lora_kernels.config.is_saved_module``;
-  * only exact ``nn.Linear`` modules are replaced: a subclass (a quantised linear, a custom forward) would lose its
-    own forward, so it is skipped with a warning.
+  * only exact ``nn.Linear`` and ``Conv1D`` modules are replaced (``weight_layout``; a Conv1D becomes a layer with
+    ``fan_in_fan_out``, set from the type as PEFT does): a subclass (a quantised linear, a custom forward) would lose
+    its own forward, so it is skipped with a warning;
+  * a module that already holds an adapter is refused ("already injected"), never adapted twice;
   * ``rank_pattern`` / ``alpha_pattern``: {pattern: value}; a module takes the value of the first pattern p with
     ``re.fullmatch(rf"(.*\\.)?(?:{p})", name)`` (``LoRAConfig.for_module``).
+
+``modules_to_save`` as PEFT: each saved module is replaced by a deep copy whose parameters are new and trainable;
+the original module is frozen and left as it was, so a weight tied to the embeddings stays tied there and the copy
+trains untied (PEFT's ``ModulesToSaveWrapper``, default ``ensure_weight_tying=False``).  The copy sits at the
+module's own path, so the adapter file's keys are PEFT's (``base_model.model.<name>.weight``).
+
+Everything is checked before the model is touched (``plan_injection``), and ``transaction`` puts the structure,
+flags and modes back should applying still fail.
 
 ``named_lora_layers`` / ``lora_layers`` are how every part of the package finds its layers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 from lora_kernels.config import LoRAConfig, is_saved_module, non_default_fields, within_saved_module
 from lora_kernels.modules import FusedLoRALinear
+from lora_kernels.modules.lora_linear import is_linear_like, weight_layout
 
 Targets = Union[str, Sequence[str]]
 CONFIG_ATTR = "_lora_kernels_config"  # the model's LoRAConfig, set by inject_lora (targets: the replaced names)
+SAVED_COPY_ATTR = "_lora_kernels_saved_copy"  # marks the trainable copy that stands for a module of modules_to_save
 
 
 def named_lora_layers(model: nn.Module) -> List[Tuple[str, FusedLoRALinear]]:
@@ -46,6 +60,10 @@ def _matches(name: str, targets: Targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _is_all_linear(targets: Targets) -> bool:
+    return isinstance(targets, str) and targets.lower() == "all-linear"
 
 
 def _output_head_names(model: nn.Module) -> set:
@@ -87,77 +105,213 @@ def _config_from_call(target_modules, config: Optional[LoRAConfig], keywords: di
     return config
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Plan (pure: checks everything, touches nothing), then apply
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class InjectionPlan:
+    """What ``inject_lora`` will do to a model, decided and validated without touching it.
+
+    layers: (name, base module, the layer's LoRAConfig) of every module to replace, in ``named_modules`` order;
+    saved: (name, module) of every saved module to replace by a trainable copy (those not copied yet);
+    config: the LoRAConfig the model records afterwards (targets: every adapted module's full name, modules_to_save:
+    this call's entries added to earlier calls')."""
+
+    layers: List[Tuple[str, nn.Module, LoRAConfig]]
+    saved: List[Tuple[str, nn.Module]]
+    config: LoRAConfig
+    notes: List[str] = field(default_factory=list)
+
+
+def saved_modules(model: nn.Module, modules_to_save: Optional[Sequence[str]]) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of the outermost modules of ``model`` that ``modules_to_save`` names (``is_saved_module``)."""
+    found: List[Tuple[str, nn.Module]] = []
+    for n, m in model.named_modules():
+        if n and is_saved_module(n, modules_to_save) and not any(n.startswith(f + ".") for f, _ in found):
+            found.append((n, m))
+    return found
+
+
+def plan_saved_copies(model: nn.Module, modules_to_save: Optional[Sequence[str]]) -> List[Tuple[str, nn.Module]]:
+    """The saved modules that ``modules_to_save`` names and that are not trainable copies yet; raises ValueError when
+    an entry matches nothing (PEFT's task presets list several heads, e.g. ["classifier", "score"]: one must exist)
+    or a saved module holds LoRA layers."""
+    names = list(modules_to_save or ())
+    if not names:
+        return []
+    found = saved_modules(model, names)
+    if not found:
+        raise ValueError(f"modules_to_save={names!r} matches no module of the model")
+    for n, m in found:
+        inner = [f"{n}.{k}" if k else n for k, x in m.named_modules() if isinstance(x, FusedLoRALinear)]
+        if inner:
+            raise ValueError(f"modules_to_save entry {n!r} holds LoRA layers ({', '.join(inner[:3])}) injected "
+                             f"earlier; a saved module is trained in full, not adapted")
+    return [(n, m) for n, m in found if not getattr(m, SAVED_COPY_ATTR, False)]
+
+
+def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
+    """Decide which modules ``config`` adapts in ``model`` and check everything, without touching the model.
+
+    Raises ValueError naming the problem: no module matched (listing nn.Linear / Conv1D names that exist), a matched
+    module already holds an adapter, fan_in_fan_out=True for nn.Linear targets only, modules_to_save matching
+    nothing; and whatever the per-layer configs raise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    previous: Optional[LoRAConfig] = getattr(model, CONFIG_ATTR, None)
+    keep_saved = list(previous.modules_to_save or ()) if previous else []
+    save_names = list(config.modules_to_save or ())
+    all_saved = keep_saved + [s for s in save_names if s not in keep_saved]
+    saved = plan_saved_copies(model, save_names)
+    targets = config.target_modules
+    candidates = [(n, m) for n, m in model.named_modules() if is_linear_like(m) or isinstance(m, FusedLoRALinear)]
+    if _is_all_linear(targets):
+        heads = _output_head_names(model)
+        chosen = [(n, m) for n, m in candidates if n not in heads]
+    else:
+        chosen = [(n, m) for n, m in candidates if _matches(n, targets)]
+    if config.exclude_modules:
+        chosen = [(n, m) for n, m in chosen if not _matches(n, config.exclude_modules)]
+    chosen = [(n, m) for n, m in chosen if not within_saved_module(n, all_saved)]
+    again = [n for n, m in chosen if isinstance(m, FusedLoRALinear)]
+    if again:
+        raise ValueError(f"target_modules={targets!r}: {', '.join(again[:5])} already injected (a LoRA layer from an "
+                         f"earlier inject_lora / load_adapter); exclude it (exclude_modules) or unload_lora first")
+    notes = []
+    subclasses = [n for n, m in chosen if weight_layout(m) is None]
+    if subclasses:
+        notes.append(f"inject_lora: skipping nn.Linear / Conv1D subclasses (their own forward would be lost): "
+                     f"{', '.join(subclasses[:5])}")
+        chosen = [(n, m) for n, m in chosen if weight_layout(m) is not None]
+    if not chosen:
+        available = [n for n, m in candidates if not isinstance(m, FusedLoRALinear)]
+        sample = ", ".join(available[:8]) or "(the model has no nn.Linear or Conv1D)"
+        raise ValueError(f"target_modules={targets!r} matched no nn.Linear or Conv1D module; some available: {sample}")
+    layouts = {n: weight_layout(m) for n, m in chosen}
+    if config.fan_in_fan_out and not any(layouts.values()):
+        raise ValueError(f"fan_in_fan_out=True is for weights stored in×out (transformers Conv1D), but the targeted "
+                         f"modules are nn.Linear (out×in): {', '.join(list(layouts)[:5])}")
+    owners = _shared_weight_owners(model)
+    tied = [n for n, m in chosen if len(owners.get(id(m.weight), [])) > 1]
+    if tied:
+        notes.append(f"inject_lora: {', '.join(tied[:5])} share their weight with another module (tied weights); "
+                     f"merge_lora / PiSSA / LoRA-GA would change that module too")
+    layers = [(n, m, config.for_layer(n).replace(fan_in_fan_out=layouts[n])) for n, m in chosen]
+    names = (tuple(previous.target_modules) if previous else ()) + tuple(n for n, _ in chosen)
+    recorded = config.replace(target_modules=names, modules_to_save=tuple(all_saved) or None,
+                              fan_in_fan_out=any(layouts.values()) or bool(previous and previous.fan_in_fan_out))
+    return InjectionPlan(layers, saved, recorded, notes)
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+class _Transaction:
+    """The journal of one change to a model: module swaps (undone in reverse), and the requires_grad flags, training
+    modes, layer configs, merged flags and recorded config as they were at the start."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.swaps: List[Tuple[str, nn.Module]] = []
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.layers = [(m, m.lora_config, m.merged) for m in lora_layers(model)]
+        self.had_config = hasattr(model, CONFIG_ATTR)
+        self.config = getattr(model, CONFIG_ATTR, None)
+
+    def swap(self, name: str, new: nn.Module) -> nn.Module:
+        old = _set_child(self.model, name, new)
+        self.swaps.append((name, old))
+        return old
+
+    def rollback(self) -> None:
+        for name, old in reversed(self.swaps):
+            _set_child(self.model, name, old)
+        for p, f in self.flags:
+            p.requires_grad_(f)
+        for m, t in self.modes:
+            m.training = t
+        for m, cfg, merged in self.layers:
+            m.lora_config, m.merged = cfg, merged
+        if self.had_config:
+            setattr(self.model, CONFIG_ATTR, self.config)
+        elif hasattr(self.model, CONFIG_ATTR):
+            delattr(self.model, CONFIG_ATTR)
+
+
+@contextlib.contextmanager
+def transaction(model: nn.Module) -> Iterator[_Transaction]:
+    """Apply a planned change: on an exception, module swaps, flags, modes and configs are put back (tensor writes
+    are not journaled: plan them so that they cannot fail)."""
+    tx = _Transaction(model)
+    try:
+        yield tx
+    except BaseException:
+        tx.rollback()
+        raise
+
+
+def make_saved_copies(tx: _Transaction, saved: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Replace each saved module by a deep copy whose parameters are new and trainable (PEFT's
+    ModulesToSaveWrapper); the original keeps its parameters, frozen, so a weight tied elsewhere stays tied there."""
+    for name, module in saved:
+        new = copy.deepcopy(module)
+        for p in new.parameters():
+            p.requires_grad_(True)
+        setattr(new, SAVED_COPY_ATTR, True)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        tx.swap(name, new)
+
+
+def apply_injection(tx: _Transaction, plan: InjectionPlan) -> None:
+    """Carry out ``plan`` (from ``plan_injection``) inside the transaction ``tx``."""
+    model = tx.model
+    replacements = [(name, FusedLoRALinear.from_linear(base, config=cfg)) for name, base, cfg in plan.layers]
+    earlier = [q for x in lora_layers(model) for q in (x.lora_A, x.lora_B) if q.requires_grad]
+    copies = [q for _, m in saved_modules(model, plan.config.modules_to_save) if getattr(m, SAVED_COPY_ATTR, False)
+              for q in m.parameters() if q.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for q in earlier + copies:  # a second inject_lora call keeps the first call's adapters and copies trainable
+        q.requires_grad_(True)
+    for name, new in replacements:
+        tx.swap(name, new)
+        new.set_trainable()  # the freeze above also froze the new adapters
+    make_saved_copies(tx, plan.saved)
+    setattr(model, CONFIG_ATTR, plan.config)
+
+
 def inject_lora(model: nn.Module, target_modules: Union[Targets, LoRAConfig] = "all-linear", *, r: int = 8,
                 lora_alpha: float = 8, lora_dropout: float = 0.0, mode: str = "AB", use_rslora: bool = False,
-                init_A: str = "kaiming", rank_pattern: Optional[Dict[str, int]] = None,
+                init_A: Optional[str] = None, rank_pattern: Optional[Dict[str, int]] = None,
                 alpha_pattern: Optional[Dict[str, float]] = None, exclude_modules: Optional[Targets] = None,
-                modules_to_save: Optional[Iterable[str]] = None, config: Optional[LoRAConfig] = None) -> nn.Module:
-    """Replace matching nn.Linear modules of ``model`` in place by FusedLoRALinear (sharing their weights), freeze
-    every other parameter except those of ``modules_to_save``, and return ``model``.
+                modules_to_save: Optional[Iterable[str]] = None, autocast_adapter_dtype: bool = True,
+                config: Optional[LoRAConfig] = None) -> nn.Module:
+    """Replace matching nn.Linear / transformers Conv1D modules of ``model`` in place by FusedLoRALinear (sharing
+    their weights), freeze every other parameter, replace each module of ``modules_to_save`` by a trainable copy
+    (PEFT's rule: a weight tied to the embeddings stays tied and frozen there), and return ``model``.
 
     Settings: the arguments (PEFT's names) or a ``LoRAConfig``, as ``config=`` or as the second positional
-    argument (``inject_lora(model, config)``).  Everything is validated before the model is touched."""
+    argument (``inject_lora(model, config)``).  Everything is validated before the model is touched
+    (``plan_injection``): on an error the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = _config_from_call(target_modules, config, dict(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mode=mode, use_rslora=use_rslora, init_A=init_A,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude_modules,
-        modules_to_save=modules_to_save))
-    target_modules = config.target_modules
-    save_names = list(config.modules_to_save or ())
-    all_names = dict(model.named_modules())
-    if save_names and not any(within_saved_module(n, save_names) for n in all_names):
-        # PEFT's task presets list several heads (e.g. ["classifier", "score"]); one of them must exist.
-        raise ValueError(f"modules_to_save={save_names!r} matches no module of the model")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
-        heads = _output_head_names(model)
-        chosen = [(n, m) for n, m in linears if n not in heads]
-    else:
-        chosen = [(n, m) for n, m in linears if _matches(n, target_modules)]
-    if config.exclude_modules:
-        chosen = [(n, m) for n, m in chosen if not _matches(n, config.exclude_modules)]
-    chosen = [(n, m) for n, m in chosen if not within_saved_module(n, save_names)]
-    subclasses = [n for n, m in chosen if type(m) is not nn.Linear]
-    if subclasses:
-        warnings.warn(f"inject_lora: skipping nn.Linear subclasses (their own forward would be lost): "
-                      f"{', '.join(subclasses[:5])}", stacklevel=2)
-        chosen = [(n, m) for n, m in chosen if type(m) is nn.Linear]
-    if not chosen:
-        sample = ", ".join(n for n, _ in linears[:8]) or "(the model has no nn.Linear)"
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module; some available: {sample}")
-    owners = _shared_weight_owners(model)
-    tied = [n for n, m in chosen if len(owners.get(id(m.weight), [])) > 1]
-    if tied:
-        warnings.warn(f"inject_lora: {', '.join(tied[:5])} share their weight with another module (tied weights); "
-                      f"merge_lora / PiSSA / LoRA-GA would change that module too", stacklevel=2)
-    tied_saved = [n for n in all_names if within_saved_module(n, save_names)
-                  and any(len(owners.get(id(p), [])) > 1 for p in all_names[n].parameters(recurse=False))]
-    if tied_saved:
-        warnings.warn(f"inject_lora: modules_to_save {', '.join(tied_saved[:5])} have tied weights: training them "
-                      f"also trains the tied module (PEFT trains an untied copy)", stacklevel=2)
-
-    # Build every replacement first (they validate their configs), then swap: a failure leaves the model as it was.
-    replacements = [(name, FusedLoRALinear.from_linear(lin, config=config.for_layer(name))) for name, lin in chosen]
-    earlier = [q for x in lora_layers(model) for q in (x.lora_A, x.lora_B) if q.requires_grad]
-    previous: Optional[LoRAConfig] = getattr(model, CONFIG_ATTR, None)
-    keep_saved = list(previous.modules_to_save or ()) if previous else []
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for q in earlier:  # a second inject_lora call keeps the first call's adapters trainable
-        q.requires_grad_(True)
-    for name, new in replacements:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        new.set_trainable()  # the freeze above also froze the new adapters
-    all_saved = keep_saved + [s for s in save_names if s not in keep_saved]
-    for n, m in model.named_modules():
-        if is_saved_module(n, all_saved):
-            for p in m.parameters():
-                p.requires_grad_(True)
-    targets = (tuple(previous.target_modules) if previous else ()) + tuple(n for n, _ in replacements)
-    setattr(model, CONFIG_ATTR, config.replace(target_modules=targets, modules_to_save=tuple(all_saved) or None))
+        modules_to_save=modules_to_save, autocast_adapter_dtype=autocast_adapter_dtype))
+    plan = plan_injection(model, config)
+    for note in plan.notes:
+        warnings.warn(note, stacklevel=2)
+    with transaction(model) as tx:
+        apply_injection(tx, plan)
     return model
 
 
@@ -200,18 +354,17 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Give back plain nn.Linear modules (sharing the base weights), merged with their adapters if ``merge``."""
+    """Give back the plain modules (nn.Linear, or Conv1D for ``fan_in_fan_out`` layers; sharing the base weights),
+    merged with their adapters if ``merge``.  Saved modules keep their trained copies, as PEFT's unload does."""
     for name, m in named_lora_layers(model):
         if merge:
             m.merge()
         else:
             m.unmerge()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        lin.weight = m.weight
-        lin.bias = m.bias
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, lin)
+        _set_child(model, name, m.to_base_module())
+    for m in model.modules():
+        if getattr(m, SAVED_COPY_ATTR, False):
+            delattr(m, SAVED_COPY_ATTR)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

@@ -3,11 +3,20 @@
 Parameter names follow ``nn.Linear`` (``weight``, ``bias``, both frozen) so existing checkpoints load, and PEFT
 (``lora_A`` of shape r×in, ``lora_B`` of shape out×r).  The layer's settings live in one ``LoRAConfig``
 (``lora_config``); the class docstring tells the whole story.
+
+What it wraps (``weight_layout``): an exact ``nn.Linear`` (W stored out×in) or an exact ``transformers`` ``Conv1D``
+(GPT-2's layers: W stored in×out, PEFT's ``fan_in_fan_out``), whose weight reaches the op as the strided view
+``weight.t()``, no copy.
+
+``_KERNELS_ACCEPT_FP32_ADAPTERS``: whether ``lora_linear`` takes fp32 adapters with a 16-bit base.  Until it does
+(False), ``autocast_adapter_dtype`` is not honoured and adapters are created in the base weight's dtype; flipping it to
+True makes fp16/bf16 layers create fp32 lora_A / lora_B (PEFT's default), with no other change here.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -17,8 +26,53 @@ import torch.nn.functional as F
 from lora_kernels.config import LoRAConfig, math_dtype, non_default_fields, trainable_factors
 from lora_kernels.ops import lora_linear
 
-# What reconfigure may change: r fixes the factors' shapes, so a new r needs a new layer.
+# What reconfigure may change: r fixes the factors' shapes, so a new r needs a new layer (and the weight's layout
+# and the adapters' dtype are fixed at construction).
 _RECONFIGURABLE = ("lora_alpha", "lora_dropout", "mode", "use_rslora", "init_A")
+
+# Flip to True once lora_linear accepts fp32 lora_A / lora_B with an fp16 / bf16 weight and input (ops work in
+# progress); until then autocast_adapter_dtype is not honoured and adapters take the base weight's dtype.
+_KERNELS_ACCEPT_FP32_ADAPTERS = False
+
+
+def conv1d_class():
+    """transformers' ``Conv1D`` class, or None when transformers is not loaded (then no Conv1D instance can exist)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` is an nn.Linear or a transformers Conv1D, subclasses included (what "all-linear" means in
+    PEFT); only the exact classes can be wrapped (``weight_layout``)."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def weight_layout(module: nn.Module) -> Optional[bool]:
+    """``fan_in_fan_out`` of a module FusedLoRALinear can wrap: False for an exact nn.Linear (W out×in), True for an
+    exact transformers Conv1D (W in×out), None for anything else (subclasses too: their own forward would be lost)."""
+    if type(module) is nn.Linear:
+        return False
+    conv1d = conv1d_class()
+    if conv1d is not None and type(module) is conv1d:
+        return True
+    return None
+
+
+def base_features(module: nn.Module) -> tuple:
+    """(in_features, out_features) of a module ``weight_layout`` accepts (a Conv1D stores its weight in×out)."""
+    if weight_layout(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def adapter_dtype(weight_dtype: Optional[torch.dtype], config: LoRAConfig) -> Optional[torch.dtype]:
+    """The dtype of lora_A / lora_B for a base weight of ``weight_dtype``: fp32 for an fp16 / bf16 base when
+    ``config.autocast_adapter_dtype`` (PEFT's rule) and the kernels accept it (``_KERNELS_ACCEPT_FP32_ADAPTERS``),
+    else the base weight's dtype."""
+    if (_KERNELS_ACCEPT_FP32_ADAPTERS and config.autocast_adapter_dtype
+            and weight_dtype in (torch.float16, torch.bfloat16)):
+        return torch.float32
+    return weight_dtype
 
 
 def _init_random_factor(t: torch.Tensor, how: str, r: int) -> None:
@@ -27,8 +81,8 @@ def _init_random_factor(t: torch.Tensor, how: str, r: int) -> None:
         nn.init.kaiming_uniform_(t, a=math.sqrt(5))
     elif how == "gaussian":
         nn.init.normal_(t, std=1.0 / r)
-    else:  # orthogonal: rows (or columns) of a Haar-random orthogonal matrix, computed in fp32
-        tmp = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    else:  # orthogonal: rows (or columns) of a Haar-random orthogonal matrix, computed in math_dtype (fp32 or fp64)
+        tmp = torch.empty(t.shape, dtype=math_dtype(t), device=t.device)
         nn.init.orthogonal_(tmp)
         t.copy_(tmp)
 
@@ -76,25 +130,38 @@ class FusedLoRALinear(nn.Module):
     ``merge()`` folds s·BA into W (computed in fp32, fp64 for fp64 weights, then cast) so inference is one plain
     GEMM; ``unmerge()`` takes it out again (exact up to one rounding of W in its own dtype).
 
-    Settings: keywords (``r``, ``lora_alpha``, ``lora_dropout``, ``mode``, ``use_rslora``, ``init_A``) or
-    ``config=LoRAConfig(...)`` (its model-level fields, targets, patterns and modules_to_save, are inject_lora's and
-    dropped here), validated by ``LoRAConfig.validate`` and kept in ``lora_config``; the attributes of the same names
-    read it.  ``reconfigure(**changes)`` changes them in place.
+    ``fan_in_fan_out=True``: ``weight`` is stored in×out, as transformers' ``Conv1D`` (GPT-2) stores it; the op gets
+    the view ``weight.t()`` (no copy) and merges add (s·BA)ᵀ.  ``from_linear`` wraps an nn.Linear or a Conv1D and
+    sets it from the module's type.
+
+    ``autocast_adapter_dtype`` (default True, PEFT's): fp32 adapters on an fp16 / bf16 base, once the kernels take
+    them (``_KERNELS_ACCEPT_FP32_ADAPTERS``); until then adapters are in the base weight's dtype.
+
+    Settings: keywords (``r``, ``lora_alpha``, ``lora_dropout``, ``mode``, ``use_rslora``, ``init_A``,
+    ``fan_in_fan_out``, ``autocast_adapter_dtype``) or ``config=LoRAConfig(...)`` (its model-level fields, targets,
+    patterns and modules_to_save, are inject_lora's and dropped here), validated by ``LoRAConfig.validate`` and kept in
+    ``lora_config``; the attributes of the same names read it.  ``init_A=None`` is the mode's default
+    (``lora_kernels.config.default_init``: "orthogonal" in mode "B", "kaiming" otherwise).
+    ``reconfigure(**changes)`` changes them in place.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, mode: str = "AB", use_rslora: bool = False,
-                 init_A: str = "kaiming", device=None, dtype=None, *, config: Optional[LoRAConfig] = None):
+                 init_A: Optional[str] = None, device=None, dtype=None, *, fan_in_fan_out: bool = False,
+                 autocast_adapter_dtype: bool = True, config: Optional[LoRAConfig] = None):
         super().__init__()
         self._check_features(in_features, out_features)
         cfg = _resolve_config(config, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mode=mode,
-                              use_rslora=use_rslora, init_A=init_A)
+                              use_rslora=use_rslora, init_A=init_A, fan_in_fan_out=fan_in_fan_out,
+                              autocast_adapter_dtype=autocast_adapter_dtype)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory), requires_grad=False)
+        shape = (in_features, out_features) if cfg.fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_config = cfg
         self._reset_base()
-        self._init_adapter(cfg, **factory)
+        self._init_adapter(cfg, device=device, dtype=self.weight.dtype)
 
     # -- construction ------------------------------------------------------------------------------------
     @staticmethod
@@ -104,14 +171,16 @@ class FusedLoRALinear(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
 
     def _reset_base(self) -> None:
-        # nn.Linear.reset_parameters, so a freshly built layer matches nn.Linear's init.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # nn.Linear.reset_parameters, so a freshly built layer matches nn.Linear's init (on the out×in view).
+        nn.init.kaiming_uniform_(self.out_in_weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
     def _init_adapter(self, cfg: LoRAConfig, device=None, dtype=None) -> None:
+        """lora_A / lora_B for a base weight of ``dtype`` (in ``adapter_dtype(dtype, cfg)``), freshly drawn."""
         self.lora_config = cfg
+        dtype = adapter_dtype(dtype, cfg)
         self.lora_A = nn.Parameter(torch.empty((cfg.r, self.in_features), device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty((self.out_features, cfg.r), device=device, dtype=dtype))
         self.merged = False
@@ -146,26 +215,48 @@ class FusedLoRALinear(nn.Module):
         self.set_trainable()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    mode: str = "AB", use_rslora: bool = False, init_A: str = "kaiming", *,
-                    config: Optional[LoRAConfig] = None) -> "FusedLoRALinear":
-        """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` Parameters are shared (not copied) and frozen."""
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"linear must be an nn.Linear (not a subclass, whose own forward would be lost), got "
-                            f"{type(linear).__name__}")
-        cls._check_features(linear.in_features, linear.out_features)
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    mode: str = "AB", use_rslora: bool = False, init_A: Optional[str] = None, *,
+                    autocast_adapter_dtype: bool = True, config: Optional[LoRAConfig] = None) -> "FusedLoRALinear":
+        """Wrap an existing ``nn.Linear``, or a transformers ``Conv1D`` (``fan_in_fan_out``, set from the type): its
+        ``weight``/``bias`` Parameters are shared (not copied) and frozen."""
+        layout = weight_layout(linear)
+        if layout is None:
+            raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D (not a subclass, whose own forward "
+                            f"would be lost), got {type(linear).__name__}")
+        in_f, out_f = base_features(linear)
+        cls._check_features(in_f, out_f)
         cfg = _resolve_config(config, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mode=mode,
-                              use_rslora=use_rslora, init_A=init_A)
+                              use_rslora=use_rslora, init_A=init_A, autocast_adapter_dtype=autocast_adapter_dtype)
+        if config is not None and config.fan_in_fan_out and not layout:
+            raise ValueError("config.fan_in_fan_out is True but linear is an nn.Linear, whose weight is stored "
+                             "out×in (fan_in_fan_out is for transformers Conv1D layers)")
+        cfg = cfg.replace(fan_in_fan_out=layout)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features = in_f, out_f
         self.weight = linear.weight
         self.bias = linear.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self._init_adapter(cfg, device=linear.weight.device, dtype=linear.weight.dtype)
+        self.train(linear.training)
         return self
+
+    def to_base_module(self) -> nn.Module:
+        """The plain module this layer stands for (nn.Linear, or Conv1D when ``fan_in_fan_out``), sharing ``weight``
+        and ``bias``, in this layer's training mode; the adapter is not applied (merge first to keep it)."""
+        if self.fan_in_fan_out:
+            conv1d = conv1d_class()
+            base = conv1d.__new__(conv1d)
+            nn.Module.__init__(base)
+            base.nf, base.nx = self.out_features, self.in_features
+        else:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight = self.weight
+        base.bias = self.bias
+        return base.train(self.training)
 
     # -- settings, read from lora_config -------------------------------------------------------------------
     @property
@@ -196,24 +287,44 @@ class FusedLoRALinear(nn.Module):
     def scaling(self) -> float:
         return self.lora_config.scaling
 
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.lora_config.fan_in_fan_out
+
+    @property
+    def autocast_adapter_dtype(self) -> bool:
+        return self.lora_config.autocast_adapter_dtype
+
+    @property
+    def out_in_weight(self) -> torch.Tensor:
+        """W as out×in, whatever its storage: ``weight`` itself, or the view ``weight.t()`` when ``fan_in_fan_out``
+        (no copy; writing into it writes ``weight``)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.out_in_weight, self.bias)
         p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
+        return lora_linear(x, self.out_in_weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     # -- merge -------------------------------------------------------------------------------------------
     def _delta_weight(self) -> torch.Tensor:
+        """s·BA (out×in) in ``math_dtype`` of the weight."""
         dt = math_dtype(self.weight)
         return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scaling
+
+    @torch.no_grad()
+    def _add_delta(self, sign: float) -> None:
+        w = self.out_in_weight
+        w.copy_((w.to(math_dtype(w)) + sign * self._delta_weight()).to(w.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold s·BA into ``weight`` (in fp32, fp64 for fp64 weights, then cast) so inference is a plain linear."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.to(math_dtype(self.weight)) + self._delta_weight()).to(self.weight.dtype))
+        self._add_delta(1.0)
         self.merged = True
 
     @torch.no_grad()
@@ -221,10 +332,11 @@ class FusedLoRALinear(nn.Module):
         """Undo ``merge`` (exact up to one rounding of ``weight`` in its own dtype)."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.to(math_dtype(self.weight)) - self._delta_weight()).to(self.weight.dtype))
+        self._add_delta(-1.0)
         self.merged = False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, mode={self.mode!r}, lora_dropout={self.lora_dropout}, "
-                f"use_rslora={self.use_rslora}, merged={self.merged}")
+                f"use_rslora={self.use_rslora}, merged={self.merged}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

@@ -92,9 +92,11 @@ def test_save_load_roundtrip_into_plain_and_injected_models(tmp_path):
     cfg = json.load(open(tmp_path / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["rank_pattern"] == {
         "blocks.0.up_proj": 2, "blocks.1.up_proj": 2}
-    plain = load_adapter(tiny(), str(tmp_path))
+    plain = load_adapter(tiny(), str(tmp_path), is_trainable=True)
     assert torch.allclose(plain(IDX), y, atol=1e-12)
-    assert not plain.blocks[0]["q_proj"].lora_A.requires_grad  # mode B restored from the file's metadata
+    q = plain.blocks[0]["q_proj"]
+    assert q.mode == "B" and q.lora_B.requires_grad and not q.lora_A.requires_grad  # mode B from the file's metadata
+    assert plain.lm_head.weight.requires_grad  # the saved module's copy trains
     injected = load_adapter(inject_lora(tiny(), r=4, rank_pattern={"up_proj": 2}, modules_to_save=["lm_head"]),
                             str(tmp_path))
     assert torch.allclose(injected(IDX), y, atol=1e-12)
@@ -330,17 +332,27 @@ def test_init_variants_that_change_the_base_and_bad_mode_are_refused(tmp_path):
         load_adapter(tiny(), str(path), mode="BA")
 
 
-def test_tied_head_in_modules_to_save_round_trips(tmp_path):
+def test_tied_head_in_modules_to_save_trains_an_untied_copy_and_round_trips(tmp_path):
+    """PEFT's rule: the saved module is a trainable copy; the tied original stays frozen and tied to the embeddings."""
     m = tiny()
     m.lm_head.weight = m.embed.weight  # tied, as in many LMs
-    with pytest.warns(UserWarning, match="tied"):
-        inject_lora(m, ["q_proj"], r=2, modules_to_save=["lm_head"])
+    original, embed = m.lm_head, m.embed.weight.detach().clone()
+    inject_lora(m, ["q_proj"], r=2, modules_to_save=["lm_head"])
+    assert m.lm_head is not original and original.weight is m.embed.weight
+    assert m.lm_head.weight is not m.embed.weight and torch.equal(m.lm_head.weight, m.embed.weight)
+    assert m.lm_head.weight.requires_grad and not m.embed.weight.requires_grad
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        m(IDX).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(m.embed.weight, embed) and not torch.equal(m.lm_head.weight, embed)
     save_adapter(m, str(tmp_path))
     other = tiny()
     other.lm_head.weight = other.embed.weight
-    with pytest.warns(UserWarning, match="tied"):
-        load_adapter(other, str(tmp_path))
+    load_adapter(other, str(tmp_path))
     assert torch.allclose(other(IDX), m(IDX), atol=1e-12)
+    assert torch.equal(other.embed.weight, embed) and other.lm_head.weight is not other.embed.weight
 
 
 def test_targets_inside_modules_to_save_are_not_injected():

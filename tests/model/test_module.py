@@ -141,3 +141,123 @@ def test_short_finetune_reduces_loss(backend, mode):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], f"{mode}: {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mode "B": the frozen A defaults to orthonormal rows (σ = 1), as the asymmetry paper's
+# ------------------------------------------------------------------------------------------------------------
+
+def test_mode_B_defaults_to_orthogonal_A_other_modes_to_kaiming():
+    from lora_kernels import LoRAConfig, inject_lora
+    from tests.helpers import tiny
+
+    assert LoRAConfig(mode="B").init_A == "orthogonal"
+    assert LoRAConfig().init_A == LoRAConfig(mode="A").init_A == "kaiming"  # PEFT's
+    assert LoRAConfig(mode="B", init_A="kaiming").init_A == "kaiming"  # an explicit choice is kept
+    assert LoRAConfig.from_peft_dict({"peft_type": "LORA", "r": 2, "target_modules": ["q"]}, mode="B").init_A == \
+        "orthogonal"
+    torch.manual_seed(0)
+    b = FusedLoRALinear(64, 32, r=8, mode="B")
+    assert b.init_A == "orthogonal"
+    assert torch.allclose(torch.linalg.svdvals(b.lora_A), torch.ones(8), atol=1e-5)  # σ = 1
+    kaiming = FusedLoRALinear(64, 32, r=8, mode="B", init_A="kaiming")
+    s = torch.linalg.svdvals(kaiming.lora_A)
+    assert 0.3 < s.mean() < 0.8  # ≈ 0.58 = √(in · (1/√in)²/3): the smaller step the default avoids
+    for mode in ("AB", "A"):
+        layer = FusedLoRALinear(64, 32, r=8, mode=mode)
+        random_factor = layer.lora_B if mode == "A" else layer.lora_A
+        assert layer.init_A == "kaiming" and random_factor.abs().max() <= 1 / math.sqrt(random_factor.shape[1]) + 1e-6
+    model = inject_lora(tiny(), ["q_proj"], r=4, mode="B")
+    a = model.blocks[0]["q_proj"].lora_A.detach()
+    assert torch.allclose(a @ a.t(), torch.eye(4, dtype=a.dtype), atol=1e-12)
+    layer = FusedLoRALinear(16, 8, r=2)
+    layer.reconfigure(mode="B")  # already drawn: the init is kept as it was
+    assert layer.init_A == "kaiming"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fp32 adapters on a 16-bit base (autocast_adapter_dtype, PEFT's), prepared behind _KERNELS_ACCEPT_FP32_ADAPTERS
+# ------------------------------------------------------------------------------------------------------------
+
+from lora_kernels.modules.lora_linear import _KERNELS_ACCEPT_FP32_ADAPTERS  # noqa: E402
+
+fp32_adapters = pytest.mark.skipif(
+    not _KERNELS_ACCEPT_FP32_ADAPTERS,
+    reason="lora_linear does not take fp32 adapters with a 16-bit base yet: flip "
+           "lora_kernels.modules.lora_linear._KERNELS_ACCEPT_FP32_ADAPTERS when it does")
+HALF = [torch.float16, torch.bfloat16]
+
+
+def test_autocast_adapter_dtype_flag():
+    from lora_kernels import LoRAConfig
+
+    assert LoRAConfig().autocast_adapter_dtype is True  # PEFT's default
+    with pytest.raises(TypeError, match=r"LoRAConfig\.autocast_adapter_dtype"):
+        LoRAConfig(autocast_adapter_dtype="yes")
+    assert "autocast_adapter_dtype" not in LoRAConfig().to_peft_dict()  # a loading option in PEFT, not a file field
+    assert FusedLoRALinear(8, 4, autocast_adapter_dtype=False).autocast_adapter_dtype is False
+
+
+@pytest.mark.skipif(_KERNELS_ACCEPT_FP32_ADAPTERS, reason="the kernels take fp32 adapters: the tests below apply")
+@pytest.mark.parametrize("dtype", HALF)
+def test_adapters_take_the_base_dtype_until_the_kernels_accept_fp32(backend, dtype):
+    layer = FusedLoRALinear.from_linear(nn.Linear(16, 8, dtype=dtype), r=2)
+    assert layer.autocast_adapter_dtype and layer.lora_A.dtype == layer.lora_B.dtype == dtype
+    x = torch.randn(3, 16, dtype=dtype)
+    assert layer(x).dtype == dtype
+
+
+@fp32_adapters
+@pytest.mark.parametrize("dtype", HALF)
+def test_fp32_adapters_on_a_16_bit_base(backend, dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 16, dtype=dtype)
+    layer = FusedLoRALinear.from_linear(lin, r=4, lora_alpha=8)
+    assert layer.weight is lin.weight and layer.weight.dtype == dtype
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert FusedLoRALinear.from_linear(nn.Linear(24, 16, dtype=dtype), autocast_adapter_dtype=False).lora_A.dtype == \
+        dtype
+    assert FusedLoRALinear(24, 16, dtype=dtype).lora_B.dtype == torch.float32
+    for wide in (torch.float32, torch.float64):  # only 16-bit bases are widened
+        assert FusedLoRALinear(24, 16, dtype=wide).lora_A.dtype == wide
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 24, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = lora_linear_ref(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                          layer.lora_B.double(), layer.scaling)
+    assert rel_err(y, ref) <= standalone_bound(dtype, 24 + 16 + 4)
+    y.float().pow(2).sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    assert layer.weight.grad is None
+    layer.eval()
+    layer.merge()
+    assert layer.weight.dtype == dtype and rel_err(layer(x), ref) <= standalone_bound(dtype, 24 + 16 + 4)
+    layer.unmerge()
+
+
+@fp32_adapters
+@pytest.mark.parametrize("dtype", HALF)
+def test_fp32_adapters_through_inject_and_files(backend, tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    from lora_kernels import inject_lora, load_adapter, lora_layers, save_adapter
+    from tests.helpers import IDX, Tiny
+
+    def model():
+        torch.manual_seed(0)
+        return Tiny(dt=dtype)
+
+    ours = inject_lora(model(), ["q_proj", "v_proj"], r=4)
+    assert all(m.lora_A.dtype == m.lora_B.dtype == torch.float32 for m in lora_layers(ours))
+    with torch.no_grad():
+        for m in lora_layers(ours):
+            m.lora_B.normal_()
+    save_adapter(ours, str(tmp_path))
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "adapter_model.safetensors")).values())
+    loaded = load_adapter(model(), str(tmp_path))
+    assert all(m.lora_A.dtype == torch.float32 for m in lora_layers(loaded))
+    assert torch.equal(loaded(IDX), ours.eval()(IDX))
+    narrow = load_adapter(model(), str(tmp_path), autocast_adapter_dtype=False)
+    assert all(m.lora_A.dtype == dtype for m in lora_layers(narrow))

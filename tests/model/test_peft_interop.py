@@ -54,8 +54,10 @@ def test_peft_adapter_loads_in_lora_kernels(tmp_path):
                           rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4})
     theirs = train(peft.get_peft_model(base(), cfg))
     theirs.save_pretrained(str(tmp_path))
-    ours = load_adapter(base(), str(tmp_path))
+    ours = load_adapter(base(), str(tmp_path), is_trainable=True)
     a, b = logits(theirs), logits(ours)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(
         p.numel() for p in theirs.parameters() if p.requires_grad)
+    frozen = load_adapter(base(), str(tmp_path))  # for inference, as PeftModel.from_pretrained
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
