@@ -155,8 +155,10 @@ def collect_gradients(model: nn.Module, batches: Iterable, loss_fn: Optional[Cal
         aliases.setdefault(id(w), []).append(name)
     result = Collected(method=method, num_batches=0)
     gen = torch.Generator().manual_seed(seed)
+    # Gradients are accumulated as out×in; a Conv1D base (fan_in_fan_out) stores W as in×out: its grad is transposed.
+    transposed = {name: bool(getattr(m, "fan_in_fan_out", False)) for name, m in layers}
     for name, m in layers:
-        out_f, in_f = m.weight.shape
+        out_f, in_f = m.out_in_weight.shape
         dev = torch.device(accumulate_on) if accumulate_on else m.weight.device
         mdt = math_dtype(m.weight)
         if method == "exact":
@@ -177,12 +179,13 @@ def collect_gradients(model: nn.Module, batches: Iterable, loss_fn: Optional[Cal
             if g is None:
                 return
             for name in names:
+                gn = g.t() if transposed[name] else g
                 if method == "exact":
                     acc = result.grads[name]
-                    acc.add_(g.detach().to(device=acc.device, dtype=acc.dtype))
+                    acc.add_(gn.detach().to(device=acc.device, dtype=acc.dtype))
                 else:
                     sk = result.sketches[name]
-                    g32 = g.detach().to(device=sk.Y.device, dtype=sk.Y.dtype)
+                    g32 = gn.detach().to(device=sk.Y.device, dtype=sk.Y.dtype)
                     sk.Y.add_(g32 @ sk.omega)
                     sk.W.add_(sk.psi @ g32)
         return hook

@@ -145,7 +145,7 @@ def _commit(layers: Dict[str, FusedLoRALinear], new_A: Dict[str, torch.Tensor], 
             m.lora_A.copy_(new_A[name].to(m.lora_A))
             m.lora_B.copy_(new_B[name].to(m.lora_B))
             if new_W is not None and name in new_W:
-                m.weight.copy_(new_W[name].to(m.weight))
+                m.out_in_weight.copy_(new_W[name].to(m.weight))  # a view of weight: Conv1D stores W transposed
                 m.base_modified_by = modified_by  # save_adapter warns: the adapter needs this modified base
 
 
@@ -242,7 +242,7 @@ def lora_one_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
         c = math.sqrt(step_size / m.scaling) if step_size is not None else 1.0 / math.sqrt(s1 * gamma)
         new_B[n] = _pad(U * root * c, m.r, 1)
         new_A[n] = _pad((V * root * c).mT, m.r, 0)
-        reports.append(LayerReport(n, tuple(m.weight.shape), g.ranks[n], g.seconds[n], g.energy[n], S.tolist(),
+        reports.append(LayerReport(n, tuple(m.out_in_weight.shape), g.ranks[n], g.seconds[n], g.energy[n], S.tolist(),
                                    g.clamped[n]))
     _commit(g.layers, new_A, new_B)
     return InitReport("LoRA-One", method, g.num_batches, g.seconds_collect, time.perf_counter() - g.t_svd_start,
@@ -270,8 +270,8 @@ def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable
         A0, B0 = _pad(a, r, 0), _pad(b, r, 1)
         new_A[n], new_B[n] = A0, B0
         mdt = math_dtype(m.weight)
-        new_W[n] = (m.weight.detach().to(mdt) - m.scaling * (B0.to(mdt) @ A0.to(mdt))).to(m.weight.dtype)
-        reports.append(LayerReport(n, tuple(m.weight.shape), min(r, g.ranks[n]), g.seconds[n], g.energy[n], S.tolist(),
+        new_W[n] = (m.out_in_weight.detach().to(mdt) - m.scaling * (B0.to(mdt) @ A0.to(mdt))).to(m.weight.dtype)
+        reports.append(LayerReport(n, tuple(m.out_in_weight.shape), min(r, g.ranks[n]), g.seconds[n], g.energy[n], S.tolist(),
                                    g.clamped[n] or 2 * r > g.ranks[n]))
     _commit(g.layers, new_A, new_B, new_W, modified_by="LoRA-GA")
     return InitReport("LoRA-GA", method, g.num_batches, g.seconds_collect, time.perf_counter() - g.t_svd_start,
@@ -290,7 +290,7 @@ def pissa_init(model: nn.Module, *, generator: Optional[torch.Generator] = None,
         ranks[n], clamped[n] = _rank_for(m, m.r, n)
     seed = shared_seed(generator)
     t0 = time.perf_counter()
-    weights = {n: m.weight.detach().to(math_dtype(m.weight)) for n, m in layers.items()}
+    weights = {n: m.out_in_weight.detach().to(math_dtype(m.weight)) for n, m in layers.items()}
     fac, secs = _grouped_svd(weights, ranks, {n: m.weight.device for n, m in layers.items()}, seed, negate=False,
                              rsvd_kwargs=dict(oversample=oversample, niter=niter))
     new_A, new_B, new_W, reports = {}, {}, {}, []
@@ -301,6 +301,6 @@ def pissa_init(model: nn.Module, *, generator: Optional[torch.Generator] = None,
         new_A[n], new_B[n] = A0, B0
         new_W[n] = (weights[n] - m.scaling * (B0.to(weights[n].dtype) @ A0.to(weights[n].dtype))).to(m.weight.dtype)
         energy = float(S.double().pow(2).sum() / weights[n].double().pow(2).sum().clamp_min(1e-300))
-        reports.append(LayerReport(n, tuple(m.weight.shape), ranks[n], secs[n], energy, S.tolist(), clamped[n]))
+        reports.append(LayerReport(n, tuple(m.out_in_weight.shape), ranks[n], secs[n], energy, S.tolist(), clamped[n]))
     _commit(layers, new_A, new_B, new_W, modified_by="PiSSA")
     return InitReport("PiSSA", "rsvd", 0, 0.0, time.perf_counter() - t0, reports)

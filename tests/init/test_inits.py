@@ -332,3 +332,45 @@ def test_existing_weight_grad_is_not_mixed_in_and_is_restored():
 def test_sketch_size_must_exceed_the_rank():
     with pytest.raises(ValueError, match="sketch_size"):
         lora_one_init(mlp(), data(), mse, method="sketch", sketch_size=3, progress=False)
+
+
+@pytest.mark.parametrize("init", ["lora_one", "lora_ga", "pissa"])
+def test_conv1d_layers_give_the_same_init_as_the_equivalent_linear(init):
+    """A transformers Conv1D stores W as in×out (fan_in_fan_out): the inits must read, collect and write W through
+    its out×in view, so a Conv1D model and the nn.Linear model with the transposed weights end identical."""
+    from transformers.pytorch_utils import Conv1D
+
+    lin_model = mlp(seed=3)
+    conv_model = copy.deepcopy(lin_model)
+    for i, m in enumerate(list(conv_model)):
+        if isinstance(m, FusedLoRALinear):
+            conv = Conv1D(m.out_features, m.in_features).to(DT)
+            with torch.no_grad():
+                conv.weight.copy_(m.weight.t())
+                conv.bias.copy_(m.bias)
+            new = FusedLoRALinear.from_linear(conv, r=m.r, lora_alpha=m.lora_alpha, use_rslora=m.use_rslora)
+            with torch.no_grad():
+                new.lora_A.copy_(m.lora_A)
+                new.lora_B.copy_(m.lora_B)
+            conv_model[i] = new
+    batches = data()
+    for model in (lin_model, conv_model):
+        if init == "lora_one":
+            lora_one_init(model, batches, mse, progress=False, generator=torch.Generator().manual_seed(1))
+        elif init == "lora_ga":
+            lora_ga_init(model, batches, mse, progress=False, generator=torch.Generator().manual_seed(1))
+        else:
+            pissa_init(model, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(fused(lin_model), fused(conv_model)):
+        assert b.fan_in_fan_out and not a.fan_in_fan_out
+        # Singular vectors are defined up to sign (LoRA-GA's B takes the weakly separated σ_r+1..σ_2r, where 1e-16
+        # differences in the summed gradient can flip one): align each rank-1 term's sign before comparing.
+        sign = torch.sign((a.lora_A * b.lora_A).sum(1))
+        assert torch.allclose(a.lora_A, b.lora_A * sign[:, None], rtol=1e-9, atol=1e-12)
+        sign_b = torch.sign((a.lora_B * b.lora_B).sum(0))
+        assert torch.allclose(a.lora_B, b.lora_B * sign_b[None, :], rtol=1e-9, atol=1e-12)
+        delta_a, delta_b = a.lora_B @ a.lora_A, b.lora_B @ b.lora_A
+        assert torch.allclose(a.weight + a.scaling * delta_a, b.weight.t() + b.scaling * delta_b, rtol=1e-9,
+                              atol=1e-12)
+    x = batches[0][0]
+    assert torch.allclose(lin_model(x), conv_model(x), rtol=1e-9, atol=1e-12)
