@@ -266,6 +266,16 @@ def _check_tensors(model: nn.Module, expected: Dict[str, tuple], state: Dict[str
         if key in expected_keys:
             continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        layer, _, tail = name.rpartition(".base_layer.")
+        if layer in expected and tail == "weight":
+            # PEFT's save_pretrained (save_embedding_layers="auto") also writes a targeted lm_head's or embedding's
+            # base weight; PeftModel.from_pretrained loads it into the base layer, and so do we.
+            base_weight = model.get_submodule(layer).weight
+            if tuple(value.shape) != tuple(base_weight.shape):
+                raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(base_weight.shape)} in the "
+                                 f"model")
+            saved_values[f"{layer}.weight"] = value
+            continue
         if ".lora_" in key:
             raise ValueError(f"adapter file {weights!r} has {key!r}, which matches no FusedLoRALinear of the model "
                              f"(nor a module that {CONFIG}'s target_modules select)")
@@ -294,6 +304,7 @@ def _write(model: nn.Module, lora_values, saved_values, settings: Dict[str, LoRA
     for m in merged:  # a merged weight still contains the old factors: take them out before replacing them
         m.unmerge()
     targets = _saved_tensors(model, list(getattr(model, CONFIG_ATTR).modules_to_save or ())) if saved_values else {}
+    targets.update({f"{n}.weight": m.weight for n, m in layers.items() if f"{n}.weight" in saved_values})
     with torch.no_grad():
         for (name, factor), value in lora_values.items():
             param = getattr(layers[name], factor)
