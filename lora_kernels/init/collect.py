@@ -190,7 +190,11 @@ def collect_gradients(model: nn.Module, batches: Iterable, loss_fn: Optional[Cal
                     sk.W.add_(sk.psi @ g32)
         return hook
 
-    iterator = iter(batches)
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list, a generator), got "
+                        f"{type(batches).__name__}") from None
     handles = []
     unique = {id(w): w for w in weights.values()}
     failure: Optional[BaseException] = None

@@ -154,6 +154,9 @@ class FusedLoRALinear(nn.Module):
         cfg = _resolve_config(config, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mode=mode,
                               use_rslora=use_rslora, init_A=init_A, fan_in_fan_out=fan_in_fan_out,
                               autocast_adapter_dtype=autocast_adapter_dtype)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (float32, float16, bfloat16, float64), "
+                            f"got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         shape = (in_features, out_features) if cfg.fan_in_fan_out else (out_features, in_features)

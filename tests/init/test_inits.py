@@ -374,3 +374,12 @@ def test_conv1d_layers_give_the_same_init_as_the_equivalent_linear(init):
                               atol=1e-12)
     x = batches[0][0]
     assert torch.allclose(lin_model(x), conv_model(x), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("batches", [None, 3])
+def test_batches_that_are_not_iterable_are_named(batches):
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="batches must be an iterable"):
+        lora_one_init(model, batches, mse, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

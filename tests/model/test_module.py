@@ -261,3 +261,9 @@ def test_fp32_adapters_through_inject_and_files(backend, tmp_path, dtype):
     assert torch.equal(loaded(IDX), ours.eval()(IDX))
     narrow = load_adapter(model(), str(tmp_path), autocast_adapter_dtype=False)
     assert all(m.lora_A.dtype == dtype for m in lora_layers(narrow))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, "float32"])
+def test_non_float_dtype_is_named(dtype):
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        FusedLoRALinear(8, 8, r=2, dtype=dtype)
