@@ -13,6 +13,16 @@ numerically against a float64 reference in the same run.
   python bench/bench_lora_linear.py --quick      # the target configuration (8192 tokens, 4096→4096, r=16) + 2048
   python bench/bench_lora_linear.py              # the full sweep (3 shapes × 3 token counts × 3 ranks)
   python bench/bench_lora_linear.py --smoke      # tiny CPU run that exercises the script (no performance claim)
+  python bench/bench_lora_linear.py --device cpu # the PyTorch path on CPU: linear / peft / ours, interleaved
+
+CPU mode (``--device cpu``, the default where CUDA is absent): the PyTorch path (run it with TRITON_INTERPRET
+unset), one shape (``--tokens`` × ``--d-in`` → ``--d-out``, rank ``--rank``, default 2048 × 1024 → 1024, r = 16),
+fp32 unless ``--dtype``; providers nn.Linear (frozen), PEFT's ``lora.Linear`` and ``lora_linear``; modes ``fwd`` and
+``fwdbwd-AB`` / ``fwdbwd-B`` (dX required) at dropout 0 and 0.1.  Triton's do_bench needs CUDA, so each provider is
+timed with ``time.perf_counter`` after a warm-up, ``--reps`` rounds (≥ 15) with the providers interleaved in a
+rotating order inside each round; ``ms`` is the median, ``ratio`` the median over rounds of the per-round ratio to
+nn.Linear (robust to load drifting during the run), ``ratio_of_medians`` the plain quotient.  Numerics in the same
+run: ours vs float64 and ours vs PEFT (dropout 0: y, dx, dA, dB).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -242,6 +254,129 @@ def _time_mode(shape, n, r, p, mode, base, a, b, x, g, errs) -> List[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------------------
+# CPU mode: the PyTorch path against nn.Linear and PEFT, interleaved in one process
+# --------------------------------------------------------------------------------------------------------------
+
+CPU_PROVIDERS = ("linear", "peft", "ours")
+CPU_MODES = ("fwd", "fwdbwd-AB", "fwdbwd-B")
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_vs_peft(base, a, b, x, g) -> Dict[str, float]:
+    """Relative error of ours against PEFT's layer (dropout 0, AB mode): y, dx, dA, dB in the run's dtype."""
+    peft = _peft_linear(base, a.shape[0], float(a.shape[0]), 0.0)
+    if peft is None:
+        return {}
+    pa, pb = peft.lora_A["default"].weight, peft.lora_B["default"].weight
+    with torch.no_grad():
+        pa.copy_(a)
+        pb.copy_(b)
+    outs = {}
+    for name in ("peft", "ours"):
+        xx = x.clone().requires_grad_()
+        if name == "peft":
+            leaves = [xx, pa.requires_grad_(), pb.requires_grad_()]
+            y = peft(xx)
+        else:
+            leaves = [xx, a.clone().requires_grad_(), b.clone().requires_grad_()]
+            y = lora_linear(xx, base.weight, base.bias, leaves[1], leaves[2], 1.0, 0.0)
+        outs[name] = [y] + list(torch.autograd.grad(y, leaves, g))
+    return {f"err_vs_peft_{k}": ((o.double() - q.double()).norm() / q.double().norm().clamp_min(1e-30)).item()
+            for k, o, q in zip(("y", "dx", "dA", "dB"), outs["ours"], outs["peft"])}
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2):
+    """{name: [ms per round]}: every round calls each fn once, in an order rotated from round to round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for nm in names:
+            fns[nm]()
+    times: Dict[str, List[float]] = {nm: [] for nm in names}
+    for i in range(reps):
+        k = i % len(names)
+        for nm in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[nm]()
+            times[nm].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _cpu_fn(fwd, trainable, x, g, mode):
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return fwd(x)
+        return fn
+    xx = x.clone().requires_grad_()
+
+    def fn():
+        y = fwd(xx)
+        return torch.autograd.grad(y, [xx] + trainable, g)
+    return fn
+
+
+def run_cpu(n: int, d_in: int, d_out: int, r: int, dropouts, dtype, reps: int, out_dir: Optional[str], tag: str,
+            extra_providers: Optional[Callable] = None) -> List[dict]:
+    """The CPU table: ms, ratio to nn.Linear (same run), saved bytes and numerics per (dropout, mode, provider).
+
+    ``extra_providers(base, a, b, r, p, mode) -> {name: (fwd, trainable, params)}`` adds providers (experiments)."""
+    if reps < 15:
+        raise SystemExit("--reps must be at least 15 (medians of fewer rounds are too noisy on a shared CPU)")
+    from lora_kernels.ops.lora_linear import dispatch
+
+    if dispatch.backend(torch.empty(0, dtype=dtype), r) is not dispatch.torch_path:
+        raise SystemExit("--device cpu times the PyTorch path: unset TRITON_INTERPRET (it routes CPU tensors to "
+                         "the Triton interpreter)")
+    env = environment()
+    shape = Shape(f"{d_in}→{d_out}", d_in, d_out)
+    print(f"# bench_lora_linear --device cpu  {env}  threads={torch.get_num_threads()}  dtype={dtype}  "
+          f"N={n} {shape.name} r={r}  reps={reps}")
+    rows: List[dict] = []
+    csv_path = os.path.join(out_dir, f"lora_linear_{tag}.csv") if out_dir else None
+    for p in dropouts:
+        base, a, b, x, g = build_case(shape, n, r, p, dtype, "cpu")
+        errs = check_numerics(base, a, b, x, g, p)
+        if p == 0.0:
+            errs.update(check_vs_peft(base, a, b, x, g))
+        print(f"p={p}: rel err vs float64 ours/torch " + " ".join(
+            f"{k}={errs['err_' + k]:.2e}/{errs['err_torch_' + k]:.2e}" for k in ("y", "dx", "dA", "dB"))
+            + ("" if p else "; ours vs peft " + " ".join(
+                f"{k}={errs.get('err_vs_peft_' + k, float('nan')):.2e}" for k in ("y", "dx", "dA", "dB"))))
+        case_rows = []
+        for mode in CPU_MODES:
+            if mode == "fwd" and p > 0:
+                continue  # inference has no dropout
+            provs = {k: v for k, v in providers(base, a, b, r, p, mode).items()
+                     if k in CPU_PROVIDERS or k == "peft-like"}
+            if extra_providers is not None:
+                provs.update(extra_providers(base, a, b, r, p, mode))
+            fns = {nm: _cpu_fn(fwd, tr, x, g, mode) for nm, (fwd, tr, _) in provs.items()}
+            times = time_interleaved(fns, reps)
+            lin = times["linear"]
+            for nm, (fwd, tr, params) in provs.items():
+                saved = 0 if mode == "fwd" else saved_activation_bytes(
+                    lambda fwd=fwd, xx=x.clone().requires_grad_(): fwd(xx), params)
+                ms = statistics.median(times[nm])
+                case_rows.append(dict(
+                    shape=shape.name, d_in=d_in, d_out=d_out, tokens=n, r=r, dropout=p, mode=mode, provider=nm,
+                    dtype=str(dtype).replace("torch.", ""), ms=ms, ms_min=min(times[nm]),
+                    ratio=statistics.median(t / lt for t, lt in zip(times[nm], lin)),
+                    ratio_of_medians=ms / statistics.median(lin), reps=reps,
+                    tflops=_flops(n, d_in, d_out, r, mode) / ms / 1e9, saved_mb=saved / 2**20, **errs))
+            line = "  ".join(f"{row['provider']} {row['ms']:.1f} ms ({row['ratio']:.3f}x)" for row in case_rows
+                             if row["mode"] == mode)
+            print(f"p={p} {mode}: {line}", flush=True)
+        rows += case_rows
+        if csv_path:
+            write_csv(csv_path, case_rows)
+    cols = ["dtype", "dropout", "mode", "provider", "ms", "ms_min", "ratio", "ratio_of_medians", "saved_mb"]
+    print(markdown_table(rows, cols))
+    if csv_path:
+        print(f"wrote {csv_path}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="target configuration only")
@@ -250,13 +385,25 @@ def main(argv=None):
     ap.add_argument("--tag", default=None, help="CSV/PNG name suffix (default: quick/full/smoke)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new case after this many seconds (0: no limit); skipped cases are listed")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                    help="cuda (the kernels; default when CUDA is available) or cpu (the PyTorch path vs PEFT)")
+    ap.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="CPU mode: compute dtype")
+    ap.add_argument("--tokens", type=int, default=2048, help="CPU mode: N")
+    ap.add_argument("--d-in", type=int, default=1024, help="CPU mode: in_features")
+    ap.add_argument("--d-out", type=int, default=1024, help="CPU mode: out_features")
+    ap.add_argument("--rank", type=int, default=16, help="CPU mode: r")
+    ap.add_argument("--reps", type=int, default=21, help="CPU mode: timed rounds (≥ 15)")
     args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and not args.smoke:
+        return run_cpu(args.tokens, args.d_in, args.d_out, args.rank, (0.0, 0.1), _DTYPES[args.dtype], args.reps,
+                       args.out, args.tag or f"cpu_{args.dtype}")
     if args.smoke:
         shapes, tokens, ranks, dropouts = (Shape("tiny 64→48", 64, 48),), (37,), (4,), (0.0, 0.1)
         dtype, device = torch.float32, "cpu"
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("bench_lora_linear needs a CUDA GPU (use --smoke for a CPU run of the script)")
+            raise SystemExit("bench_lora_linear --device cuda needs a CUDA GPU (--device cpu times the PyTorch path)")
         dtype, device = torch.bfloat16, "cuda"
         if args.quick:
             shapes, tokens, ranks, dropouts = LLAMA2_7B[:1], (8192, 2048), (16,), (0.0, 0.1)
