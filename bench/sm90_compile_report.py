@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -43,6 +43,7 @@ class Variant:
     num_warps: int
     num_stages: int
     out_dtype: str = ""  # pointer type of the output, when it differs (wgrad writes fp32 partials)
+    ptr_dtypes: Tuple[Tuple[str, str], ...] = ()  # (pointer name, type) where it differs: fp32 adapters on 16-bit
 
 
 @dataclass
@@ -57,9 +58,12 @@ class Report:
 
 def _signature(v: Variant) -> Dict[str, str]:
     sig = {}
+    ptrs = dict(v.ptr_dtypes)
     for name in v.kernel.arg_names:
         if name in v.constexprs:
             sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
         elif name.endswith("_ptr"):
             sig[name] = "*" + (v.out_dtype if (v.out_dtype and name in ("c_ptr", "out_ptr")) else v.dtype)
         elif name in _FLOAT_ARGS:
@@ -102,6 +106,7 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
         g = tuning._PINNED_GPU_FP32 if tdt == torch.float32 else tuning._PINNED_GPU
         tiles = {k: g[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         common = dict(UPCAST=False, INPUT_PRECISION="ieee")
+        gemm_common = dict(LORA_UPCAST=False, LORA_PRECISION="ieee", **common)
         for r, drop in ((16, True), (64, True), (256, False)):
             mblk, kblk, warps = tuning._shrink_meta(r)
             out.append(Variant(f"shrink r{r}{' dropout' if drop else ''}", kernels._lora_shrink_kernel, dt,
@@ -111,14 +116,14 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
                                            ("gemm dgrad dropout", False, True, False)):
                 out.append(Variant(f"{name}{' tma' if tma else ''}", kernels._lora_gemm_kernel, dt,
                                    dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False, BLOCK_R=16,
-                                        USE_TMA=tma, W_NK=w_nk, **tiles, **tuning._ONE_TILE, **common),
+                                        USE_TMA=tma, W_NK=w_nk, **tiles, **tuning._ONE_TILE, **gemm_common),
                                    g["num_warps"], g["num_stages"]))
         split = tuning._PINNED_SPLIT_GPU
         split_tiles = {k: split[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PERSISTENT")}
         for name, drop, w_nk in (("split lora pass fwd", False, True), ("split lora pass dgrad dropout", True, False)):
             out.append(Variant(name, kernels._lora_gemm_kernel, dt,
                                dict(HAS_BIAS=False, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=True, BLOCK_R=16,
-                                    USE_TMA=False, W_NK=w_nk, **split_tiles, **common),
+                                    USE_TMA=False, W_NK=w_nk, **split_tiles, **gemm_common),
                                split["num_warps"], split["num_stages"]))
         for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False), ("wgrad dAT (in x r16)", 4096, 16, False),
                                     ("wgrad dAT dropout", 4096, 16, True), ("wgrad dAT r64 dropout", 4096, 64, True)):
@@ -129,10 +134,65 @@ def launcher_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
     return out
 
 
-def autotune_variants(dtype: str = "bf16") -> List[Variant]:
-    """Every autotuning candidate of the fused GEMM that the pruner can pick, forward and masked dgrad."""
+def fp32_adapter_variants(halves=("bf16", "fp16")) -> List[Variant]:
+    """The variants fp32 lora_A / lora_B on a 16-bit x, W, y launch (docs/design.md decision 14), pinned tiles.
+
+    The shrink (t', gB') and the token reductions (dA, dB) are fp32 products with one 16-bit operand (x or g, upcast
+    in the kernel): their rows carry dtype fp32, the 16-bit operand in the name ("bf16-x"), in both precisions the
+    launcher can pick (IEEE by default, tf32 when ``torch.backends.cuda.matmul.allow_tf32``).  The GEMMs keep their
+    16-bit main loop (dtype bf16 / fp16) and run the LoRA K-loop over fp32 t' and l in tf32 ("fp32-lora")."""
+    import torch
+
+    from lora_kernels.ops.lora_linear import launch
+
+    out = []
+    for h in halves:
+        hdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[h]
+        lora = launch._lora_loop_flags(hdt, torch.float32)
+        for prec in ("ieee", "tf32"):
+            tag = f"fp32-adapter {h}-x" + (" tf32" if prec == "tf32" else "")
+            for r, drop in ((16, True), (64, True), (256, False)):
+                mblk, kblk, warps = tuning._shrink_meta(r)
+                out.append(Variant(f"shrink r{r}{' dropout' if drop else ''} {tag}", kernels._lora_shrink_kernel,
+                                   "fp32", dict(HAS_DROPOUT=drop, BLOCK_M=mblk, BLOCK_K=kblk, BLOCK_R=r, UPCAST=True,
+                                                INPUT_PRECISION=prec), warps, 3, ptr_dtypes=(("x_ptr", h),)))
+            for name, pdim, q, drop in (("wgrad dB (out x r16)", 4096, 16, False),
+                                        ("wgrad dAT (in x r16)", 4096, 16, False),
+                                        ("wgrad dAT dropout", 4096, 16, True),
+                                        ("wgrad dAT r64 dropout", 4096, 64, True)):
+                bp, bq, bm, warps = tuning._wgrad_meta(pdim, q, torch.float32)
+                out.append(Variant(f"{name} {tag}", kernels._lora_wgrad_kernel, "fp32",
+                                   dict(HAS_DROPOUT=drop, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=bm, UPCAST=True,
+                                        INPUT_PRECISION=prec), warps, 3, ptr_dtypes=(("l_ptr", h),)))
+        g = tuning._PINNED_GPU
+        tiles = {k: g[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        fp32_lora = (("t_ptr", "fp32"), ("l_ptr", "fp32"))
+        for tma in (True, False):
+            for name, bias, drop, w_nk in (("gemm fwd", True, False, True), ("gemm dgrad", False, False, False),
+                                           ("gemm dgrad dropout", False, True, False)):
+                out.append(Variant(f"{name}{' tma' if tma else ''} fp32-lora", kernels._lora_gemm_kernel, h,
+                                   dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False, BLOCK_R=16,
+                                        USE_TMA=tma, W_NK=w_nk, **tiles, **tuning._ONE_TILE, UPCAST=False,
+                                        INPUT_PRECISION="ieee", **lora),
+                                   g["num_warps"], g["num_stages"], ptr_dtypes=fp32_lora))
+        split = tuning._PINNED_SPLIT_GPU
+        split_tiles = {k: split[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PERSISTENT")}
+        for name, drop, w_nk in (("split lora pass fwd", False, True), ("split lora pass dgrad dropout", True, False)):
+            out.append(Variant(f"{name} fp32-lora", kernels._lora_gemm_kernel, h,
+                               dict(HAS_BIAS=False, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=True, BLOCK_R=16,
+                                    USE_TMA=False, W_NK=w_nk, **split_tiles, UPCAST=False, INPUT_PRECISION="ieee",
+                                    **lora),
+                               split["num_warps"], split["num_stages"], ptr_dtypes=fp32_lora))
+    return out
+
+
+def autotune_variants(dtype: str = "bf16", fp32_lora: bool = False) -> List[Variant]:
+    """Every autotuning candidate of the fused GEMM that the pruner can pick, forward and masked dgrad; with
+    ``fp32_lora``, as launched for fp32 adapters (fp32 t' and l, the LoRA K-loop in tf32)."""
     out = []
     import torch
+
+    from lora_kernels.ops.lora_linear import launch
 
     probe = torch.empty(0, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     for tma in ((True, False) if dtype != "fp32" else (False,)):
@@ -142,18 +202,24 @@ def autotune_variants(dtype: str = "bf16") -> List[Variant]:
                                                **flags):
                 tiles = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tiles += " persistent" if cfg.kwargs["PERSISTENT"] else ""
-                out.append(Variant(f"{name}{' tma' if tma else ''} [{tiles} w{cfg.num_warps} s{cfg.num_stages}]",
+                lora = (launch._lora_loop_flags(probe.dtype, torch.float32) if fp32_lora
+                        else dict(LORA_UPCAST=False, LORA_PRECISION="ieee"))
+                out.append(Variant(f"{name}{' tma' if tma else ''}{' fp32-lora' if fp32_lora else ''} "
+                                   f"[{tiles} w{cfg.num_warps} s{cfg.num_stages}]",
                                    kernels._lora_gemm_kernel, dtype,
                                    dict(HAS_BIAS=not drop, HAS_LORA=True, EPI_DROPOUT=drop, BASE_IN_C=False,
-                                        BLOCK_R=16, UPCAST=False,
-                                        INPUT_PRECISION="ieee", USE_TMA=tma, W_NK=not drop, **cfg.kwargs),
-                                   cfg.num_warps, cfg.num_stages))
+                                        BLOCK_R=16, UPCAST=False, INPUT_PRECISION="ieee", USE_TMA=tma, W_NK=not drop,
+                                        **lora, **cfg.kwargs),
+                                   cfg.num_warps, cfg.num_stages,
+                                   ptr_dtypes=(("t_ptr", "fp32"), ("l_ptr", "fp32")) if fp32_lora else ()))
     return out
 
 
 def checked_variants() -> List[Variant]:
-    """The set the test suite checks: every launcher variant in bf16 and fp32, every bf16 autotune candidate."""
-    return launcher_variants(("bf16", "fp32")) + autotune_variants("bf16") + autotune_variants("fp32")
+    """The set the test suite checks: every launcher variant in bf16 and fp32 (fp32 adapters on bf16 included),
+    every bf16 autotune candidate (with fp32 adapters too) and every fp32 one."""
+    return (launcher_variants(("bf16", "fp32")) + fp32_adapter_variants(("bf16",)) + autotune_variants("bf16")
+            + autotune_variants("fp32") + autotune_variants("bf16", fp32_lora=True))
 
 
 def main(argv=None) -> None:
@@ -174,13 +240,22 @@ def main(argv=None) -> None:
                              hgmma=r.hgmma, error=r.error))
         print(json.dumps(rows))
         return
-    print(f"{'variant':52s} {'dtype':5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s} {'HGMMA':>6s}")
-    for v in launcher_variants() + autotune_variants():
-        r = compile_variant(v, args.capability)
-        if r.error:
-            print(f"{v.name:52s} {v.dtype:5s} FAILED {r.error}")
-            continue
-        print(f"{v.name:52s} {v.dtype:5s} {v.num_warps:5d} {r.regs:5d} {r.stack:6d} {r.shared:7d} {r.hgmma:6d}")
+    sections = [(52, None, launcher_variants() + autotune_variants()),
+                (62, "fp32 lora_A / lora_B on a 16-bit base (docs/design.md decision 14): fp32 products with a 16-bit "
+                     "operand (dtype fp32, the operand named), and 16-bit GEMMs with an fp32 LoRA K-loop in tf32",
+                 fp32_adapter_variants() + autotune_variants(fp32_lora=True))]
+    for width, title, variants in sections:
+        if title:
+            print(f"\n# {title}")
+        print(f"{'variant':{width}s} {'dtype':5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s} "
+              f"{'HGMMA':>6s}")
+        for v in variants:
+            r = compile_variant(v, args.capability)
+            if r.error:
+                print(f"{v.name:{width}s} {v.dtype:5s} FAILED {r.error}")
+                continue
+            print(f"{v.name:{width}s} {v.dtype:5s} {v.num_warps:5d} {r.regs:5d} {r.stack:6d} {r.shared:7d} "
+                  f"{r.hgmma:6d}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ Decided at each call (PEFT's forward runs instead; that is exact, since it *is* 
   * the base layer is not a plain ``nn.Linear`` / transformers ``Conv1D`` (quantized, another wrapper), or any of
     base / lora_A / lora_B / dropout has hooks or an overridden forward (they would be skipped), or global module
     hooks are registered;
-  * dtypes differ among x, W, b, A, B outside autocast (fp32 adapters on a bf16 base: ``lora_linear`` wants one
-    dtype); under autocast all operands run in the autocast dtype, as PEFT's layers do there;
+  * dtypes that ``lora_linear`` does not take outside autocast: x, W, b must share one dtype and A, B another, equal
+    to it or float32 on a float16 / bfloat16 base (PEFT's default ``autocast_adapter_dtype=True``, served as PEFT
+    computes it: the LoRA branch in fp32, the sum cast back to the base dtype); under autocast all operands run in
+    the autocast dtype, as PEFT's layers do there;
   * devices differ, an empty input, a non-float dtype, or a tensor subclass.
 
 Never patched (reported): LoRA layers that are not ``lora.Linear`` (Embedding, Conv, MultiheadAttention, bitsandbytes
@@ -184,12 +186,27 @@ def _fast_operands(self, x):
         x, w, a, b = x.to(dt), w.to(dt), a.to(dt), b.to(dt)
         bias = bias.to(dt) if bias is not None else None
     else:
-        dtypes = {t.dtype for t in (x, w, a, b) + ((bias,) if bias is not None else ())}
-        if len(dtypes) != 1:
-            names = " ".join(f"{n}={str(t.dtype).replace('torch.', '')}" for n, t in
-                             (("x", x), ("W", w), ("lora", a)))
-            return f"dtypes differ ({names}); lora_linear takes one dtype"
+        why = _dtypes_unsupported(x, w, bias, a, b)
+        if why is not None:
+            return why
     return x, w, bias, a, b, float(scale), p
+
+
+def _adapter_dtype_ok(adapter: torch.dtype, base: torch.dtype) -> bool:
+    """Whether lora_linear takes adapters of dtype ``adapter`` on a base (x, W, b) of dtype ``base``: the same
+    dtype, or fp32 adapters on an fp16 / bf16 base (PEFT's ``autocast_adapter_dtype``)."""
+    return adapter == base or (adapter == torch.float32 and base in (torch.float16, torch.bfloat16))
+
+
+def _dtypes_unsupported(x, w, bias, a, b) -> Optional[str]:
+    """Why lora_linear cannot take these operands' dtypes outside autocast (a reason for the log), or None."""
+    base_dtypes = {t.dtype for t in (x, w) + ((bias,) if bias is not None else ())}
+    if len(base_dtypes) != 1 or a.dtype != b.dtype or not _adapter_dtype_ok(a.dtype, x.dtype):
+        names = " ".join(f"{n}={str(t.dtype).replace('torch.', '')}" for n, t in
+                         (("x", x), ("W", w), ("lora", a)))
+        return (f"dtypes differ ({names}); lora_linear takes x, W, b in one dtype and lora_A, lora_B in it or in "
+                f"float32 on a 16-bit base")
+    return None
 
 
 def _patched_forward(self, x, *args, **kwargs):
@@ -242,7 +259,7 @@ def _call_time_notes(layer) -> List[str]:
             continue
         w = layer.base_layer.weight
         a = layer.lora_A[n].weight
-        if a.dtype != w.dtype:
+        if not _adapter_dtype_ok(a.dtype, w.dtype):
             notes.append(f"adapter dtype {str(a.dtype).replace('torch.', '')} ≠ base "
                          f"{str(w.dtype).replace('torch.', '')}: PEFT's forward outside autocast")
     return notes

@@ -8,9 +8,9 @@ What it wraps (``weight_layout``): an exact ``nn.Linear`` (W stored out×in) or 
 (GPT-2's layers: W stored in×out, PEFT's ``fan_in_fan_out``), whose weight reaches the op as the strided view
 ``weight.t()``, no copy.
 
-``_KERNELS_ACCEPT_FP32_ADAPTERS``: whether ``lora_linear`` takes fp32 adapters with a 16-bit base.  Until it does
-(False), ``autocast_adapter_dtype`` is not honoured and adapters are created in the base weight's dtype; flipping it to
-True makes fp16/bf16 layers create fp32 lora_A / lora_B (PEFT's default), with no other change here.
+``_KERNELS_ACCEPT_FP32_ADAPTERS`` (True): ``lora_linear`` takes fp32 adapters with a 16-bit base, so
+``autocast_adapter_dtype`` (default True, PEFT's) makes fp16/bf16 layers create fp32 lora_A / lora_B, and
+``autocast_adapter_dtype=False`` keeps them in the base weight's dtype.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from lora_kernels.ops import lora_linear
 # and the adapters' dtype are fixed at construction).
 _RECONFIGURABLE = ("lora_alpha", "lora_dropout", "mode", "use_rslora", "init_A")
 
-# Flip to True once lora_linear accepts fp32 lora_A / lora_B with an fp16 / bf16 weight and input (ops work in
-# progress); until then autocast_adapter_dtype is not honoured and adapters take the base weight's dtype.
-_KERNELS_ACCEPT_FP32_ADAPTERS = False
+# lora_linear accepts fp32 lora_A / lora_B with an fp16 / bf16 weight and input (the LoRA branch in fp32, as PEFT:
+# docs/design.md decision 14), so autocast_adapter_dtype is honoured.  False would create every adapter in the base
+# weight's dtype.
+_KERNELS_ACCEPT_FP32_ADAPTERS = True
 
 
 def conv1d_class():
@@ -134,8 +135,9 @@ class FusedLoRALinear(nn.Module):
     the view ``weight.t()`` (no copy) and merges add (s·BA)ᵀ.  ``from_linear`` wraps an nn.Linear or a Conv1D and
     sets it from the module's type.
 
-    ``autocast_adapter_dtype`` (default True, PEFT's): fp32 adapters on an fp16 / bf16 base, once the kernels take
-    them (``_KERNELS_ACCEPT_FP32_ADAPTERS``); until then adapters are in the base weight's dtype.
+    ``autocast_adapter_dtype`` (default True, PEFT's): fp32 adapters on an fp16 / bf16 base (y and the input's
+    gradient stay in the base dtype, lora_A / lora_B and their gradients are fp32, the LoRA branch runs in fp32 as in
+    PEFT); False keeps the adapters in the base weight's dtype.
 
     Settings: keywords (``r``, ``lora_alpha``, ``lora_dropout``, ``mode``, ``use_rslora``, ``init_A``,
     ``fan_in_fan_out``, ``autocast_adapter_dtype``) or ``config=LoRAConfig(...)`` (its model-level fields, targets,

@@ -37,7 +37,8 @@ def gemm_arrangement(name: str):
 
 def gemm_arrangement_report() -> Dict[tuple, dict]:
     """What "auto" measured: {(pass, device, dtype, M bucket, N, K, r, bias, dropout, tma, input precision,
-    autotune): {"choice", "fused_ms", "split_ms"}} for every GEMM shape met so far in this process."""
+    autotune, LoRA operand dtype): {"choice", "fused_ms", "split_ms"}} for every GEMM shape met so far in this
+    process (the LoRA dtype is float32 for fp32 adapters on a 16-bit base, else the dtype's)."""
     return {k: dict(v) for k, v in _measured.items()}
 
 

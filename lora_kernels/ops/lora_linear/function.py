@@ -19,7 +19,8 @@ from lora_kernels.ops.lora_linear.base_weight import BaseWeight, as_base_weight
 
 def lora_fwd(x2d: torch.Tensor, base: BaseWeight, bias, lora_A, lora_B, scale: float, dropout_p: float,
              seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y2d [N, out], t' [N, r]) with t' = s/(1-p) · (m ⊙ x) Aᵀ (the scales folded in).  x2d: [N, in], any strides."""
+    """(y2d [N, out], t' [N, r]) with t' = s/(1-p) · (m ⊙ x) Aᵀ (the scales folded in).  x2d: [N, in], any strides.
+    y2d is in x's dtype; t' in the adapters' when they are fp32 on a 16-bit x (the LoRA branch in fp32, as PEFT)."""
     be = dispatch.backend(x2d, lora_A.shape[0])
     with dispatch.on_device(x2d):
         t = be.shrink(x2d, lora_A, seed, dropout_p, scale / (1.0 - dropout_p))
@@ -32,6 +33,10 @@ def lora_bwd(g2d: torch.Tensor, x2d: Optional[torch.Tensor], t: Optional[torch.T
     """(dx2d, dA, dB); entries not asked for are None.  x2d is needed only for dA, t' only for dB."""
     dx = d_a = d_b = None
     be = dispatch.backend(g2d, lora_A.shape[0])
+    whole = getattr(be, "lora_bwd", None)  # a backend that serves the whole backward (the PyTorch path: one mask draw)
+    if whole is not None:
+        return whole(g2d, x2d, t, base, lora_A, lora_B, scale, dropout_p, seed, need_dx=need_dx, need_dA=need_dA,
+                     need_dB=need_dB)
     with dispatch.on_device(g2d):
         # gB' = s/(1-p) · g B serves both dX and dA.
         gb = be.shrink(g2d, lora_B.t(), 0, 0.0, scale / (1.0 - dropout_p)) if (need_dx or need_dA) else None
@@ -59,7 +64,8 @@ def _lora_fwd_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 @_lora_fwd_op.register_fake
 def _(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     n = x2d.shape[0]
-    return x2d.new_empty((n, weight.shape[0])), x2d.new_empty((n, lora_A.shape[0]))
+    return (x2d.new_empty((n, weight.shape[0])),
+            x2d.new_empty((n, lora_A.shape[0]), dtype=torch.promote_types(x2d.dtype, lora_A.dtype)))
 
 
 @torch.library.custom_op("lora_kernels::lora_bwd", mutates_args=())
@@ -128,9 +134,15 @@ class LoRALinearFunction(torch.autograd.Function):
     shares the base GEMM's accumulator and dB = gᵀ t', dA = gB'ᵀ (m ⊙ x), dX = g W + m ⊙ (gB' A) need no
     further scaling.
 
-    Saved for backward: B-only (A frozen) keeps t' and the seed (a CPU int64 scalar tensor), never x; AB and A-only
-    keep x itself (same storage, no copy) and the seed, plus t' when B needs a gradient.  W, A, B are parameters,
-    saved by reference.  The dropout mask is never stored: every kernel regenerates it from the seed.
+    Saved for backward, on every device and backend: B-only (A frozen) keeps t' and the seed (a CPU int64 scalar
+    tensor), never x; AB and A-only keep x itself (same storage, no copy) and the seed, plus t' when B needs a
+    gradient.  W, A, B are parameters, saved by reference.  The dropout mask is never stored: the Triton kernels
+    regenerate it in-kernel from the seed; the PyTorch path (CPU without the interpreter, float64, ...) draws it
+    again from the seed in backward, once for dX and dA together (``torch_path.lora_bwd``).  Keeping it instead
+    (N·in bytes as bool) would save one draw per step on CPU (~3.5 ms at 2048×1024) but break B-only's N×r-only
+    footprint, so it is not done.  With fp32 adapters on a 16-bit x, t' is fp32 (N×r×4 bytes): the same tensors.
+
+    Under ``create_graph=True`` the backward is ``_backward_with_graph`` (differentiable torch ops), not the backends.
     """
 
     @staticmethod
@@ -147,6 +159,9 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, t, weight, lora_A, lora_B, seed = ctx.saved_tensors
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True (double backward): a differentiable composition instead of the backends.
+            return _backward_with_graph(ctx, grad_y, x, t, weight, lora_A, lora_B, seed)
         g2d = grad_y.reshape(-1, weight.shape[0])
         x2d = x.reshape(-1, ctx.x_shape[-1]) if x is not None else None
         dx, d_a, d_b = _bwd(g2d, x2d, t, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, seed,
@@ -158,10 +173,61 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, d_w, d_bias, d_a, d_b, None, None, None
 
 
+def _backward_with_graph(ctx, grad_y, x, t, weight, lora_A, lora_B, seed):
+    """The backward of ``LoRALinearFunction`` under ``create_graph=True``, as plain differentiable torch ops, so that
+    its results can be differentiated again (double backward, gradient penalties, Hessian-vector products).
+
+    Neither backend's own backward can serve it: the kernels' outputs carry no autograd history, and t' (saved from
+    the forward) carries no dependence on x and A, which ∂²L through dB = gᵀ t' needs.  So t' is recomputed here from
+    x (saved in AB and A-only modes, and whenever W is trainable) with the very mask the forward drew (``keep_mask``
+    of the backend that served it: the kernels' Philox mask or torch's generator's), and every product is a torch op.
+    The one case that cannot be done from the saved state is B-only with an x that needs a gradient: B-only never
+    keeps x (its point is the N×r-only footprint), so that raises instead of returning a wrong second derivative."""
+    need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
+    n_in = ctx.x_shape[-1]
+    g2d = grad_y.reshape(-1, weight.shape[0])
+    if x is None and need_dx and need_dbb:
+        raise RuntimeError(
+            "lora_linear: double backward (create_graph=True) with lora_A frozen (B-only) and an input that "
+            "requires grad is not supported: dB = gᵀ·t' depends on x through t' = s·dropout(x)·Aᵀ, and B-only "
+            "training does not keep x.  Make lora_A trainable for this call, or detach the input.")
+    s, p = ctx.scale, ctx.dropout_p
+    ld = lora_A.dtype  # the LoRA branch's dtype (fp32 for fp32 adapters on a 16-bit base, as PEFT)
+    keep = None
+    if p > 0.0:
+        with dispatch.on_device(g2d):
+            keep = dispatch.backend(g2d, lora_A.shape[0]).keep_mask(int(seed), g2d.shape[0], n_in, p, g2d.device)
+        keep = keep.to(ld)
+    c = s / (1.0 - p)
+    gl = g2d.to(ld)
+    x2d = x.reshape(-1, n_in) if x is not None else None
+    xm = None
+    if x2d is not None:
+        xm = x2d.to(ld) if keep is None else x2d.to(ld) * keep
+    dx = d_w = d_bias = d_a = d_b = None
+    if need_dx or need_da:
+        gb = (gl @ lora_B) * c  # gB' = s/(1-p) · g B
+        if need_dx:
+            lora = gb @ lora_A
+            dx = ((g2d @ weight).to(ld) + (lora if keep is None else lora * keep)).to(grad_y.dtype)
+            dx = dx.reshape(ctx.x_shape)
+        if need_da:
+            d_a = gb.t() @ xm
+    if need_dbb:
+        t_g = (xm @ lora_A.t()) * c if xm is not None else t  # x saved: t' with its graph; else t' is a constant
+        d_b = gl.t() @ t_g.to(ld)
+    if need_dw:
+        d_w = (g2d.t() @ x2d).to(weight.dtype)
+    if need_db:
+        d_bias = g2d.sum(0)
+    return dx, d_w, d_bias, d_a, d_b, None, None, None
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p):
+def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, *, autocast=False):
     for name, ten in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(ten, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(ten).__name__}")
@@ -187,10 +253,24 @@ def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p):
         raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
     named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
     for name, ten in named:
-        if ten.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {ten.dtype} but x has {x.dtype}; all operands must share one dtype")
         if ten.device != x.device:
             raise ValueError(f"{name} is on {ten.device} but x is on {x.device}")
+    if autocast:
+        return _check_scalars(scale, dropout_p)  # every operand runs in the autocast dtype: theirs do not matter
+    for name, ten in named:
+        if name in ("weight", "bias") and ten.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {ten.dtype} but x has {x.dtype}; x, weight and bias must share one "
+                            f"dtype")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_A has dtype {lora_A.dtype} but lora_B has {lora_B.dtype}; the adapters must share one "
+                        f"dtype")
+    if lora_A.dtype != x.dtype and not (lora_A.dtype == torch.float32 and x.dtype in _HALF_DTYPES):
+        raise TypeError(f"lora_A / lora_B have dtype {lora_A.dtype} but x has {x.dtype}; the adapters must be in x's "
+                        f"dtype, or float32 with a float16 / bfloat16 x (PEFT's autocast_adapter_dtype)")
+    _check_scalars(scale, dropout_p)
+
+
+def _check_scalars(scale, dropout_p):
     if isinstance(scale, torch.Tensor):
         raise TypeError("scale must be a Python float, not a tensor")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
@@ -208,12 +288,21 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
     Under ``torch.compile`` the kernels are the custom ops ``torch.ops.lora_kernels.lora_fwd`` / ``lora_bwd``.
     Triton kernels serve CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``); any other case runs the
     pure-PyTorch path with the same semantics.
+
+    dtypes: x, weight and bias share one; lora_A and lora_B share one, x's or float32 with a float16 / bfloat16 x
+    (PEFT's default ``autocast_adapter_dtype``): then the LoRA branch runs in fp32 as in PEFT (docs/design.md,
+    decision 14), y and dx are in x's dtype, dA and dB in float32.  Under autocast everything runs in the autocast
+    dtype, as PEFT's layers do there.  Double backward (``create_graph=True``) runs a differentiable composition
+    (``_backward_with_graph``).
     """
-    _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p)
+    autocast = (isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu")
+                and torch.is_autocast_enabled(x.device.type))
+    _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, autocast=autocast)
     scale, dropout_p = float(scale), float(dropout_p)
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+    if autocast:
         # Under autocast (e.g. HF Trainer bf16=True with fp32 parameters) run in the autocast dtype, as
-        # nn.Linear would; the casts are differentiable, so fp32 parameters receive fp32 gradients.
+        # nn.Linear would, and as PEFT's layers do (fp32 adapters included: their F.linear autocasts too); the
+        # casts are differentiable, so fp32 parameters receive fp32 gradients.
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_A, lora_B = (v.to(dt) for v in (x, weight, lora_A, lora_B))
         bias = bias.to(dt) if bias is not None else None

@@ -30,6 +30,11 @@ Trade-offs taken (docs/design.md has the evidence and the predictions still to m
   and the kernel adds the LoRA term in place -- the "split" arrangement (``arrangement.py``).
 * t' is stored in the input dtype, like PEFT's ``lora_B(lora_A(dropout(x)))``: it is what the LoRA K-loop and the
   dB reduction consume directly on the tensor cores.
+* fp32 lora_A / lora_B on a 16-bit x, W, y (PEFT's default ``autocast_adapter_dtype``, docs/design.md decision 14):
+  the LoRA branch stays in fp32 as in PEFT.  The shrink and the token reductions read the 16-bit operand, upcast it
+  (exact) and run fp32 products (IEEE unless TF32 is allowed), so t', gB', dA and dB are fp32; the GEMM keeps its
+  16-bit main loop and runs the LoRA K-loop over fp32 t' and l in tf32 with operands rounded to nearest
+  (``_round_tf32``), into the same fp32 accumulator; y and dX are written in the 16-bit dtype.
 """
 
 import triton
@@ -76,7 +81,7 @@ def _dropout_mask_kernel(
 def _lora_shrink_kernel(
     x_ptr,  # [M, K]  input rows (x, or g for gB = g B)
     a_ptr,  # [R, K]  down-projection (lora_A, or Bᵀ as a strided view)
-    t_ptr,  # [M, R]  output, dtype of x
+    t_ptr,  # [M, R]  output: dtype of x, or fp32 (fp32 adapters: x upcast, UPCAST)
     M, K, R,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
@@ -116,10 +121,23 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
+def _round_tf32(v):
+    """fp32 → the nearest tf32 value (10 explicit mantissa bits, ties away from zero: ``cvt.rna.tf32.f32``), still
+    an fp32 tensor.  The tensor cores would truncate the low 13 bits instead (a bias of half a tf32 ulp, ~2⁻¹²
+    relative, on every operand); rounded operands pass through them exactly, and the interpreter's fp32 product of
+    the same values is what the GPU computes up to summation order."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x1000) >> 13) << 13
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _masked_dot_loop(x_ptr, y_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_xk, stride_yk, stride_yn,
-                     acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+                     acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ROUND_TF32: tl.constexpr):
     """acc + x[rows, :K] @ y[:K, cols] with pointer loads, masked on every edge, BLOCK_K at a time.  Serves
-    the LoRA K-loop over r (x = t, y = l) and the pointer-load main loop over K (x = a, y = w)."""
+    the LoRA K-loop over r (x = t, y = l) and the pointer-load main loop over K (x = a, y = w).  ROUND_TF32: fp32
+    operands rounded to nearest tf32 before a tf32 dot (the LoRA loop of fp32 adapters on a 16-bit base)."""
     kk = tl.arange(0, BLOCK_K).to(tl.int64)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + kk
@@ -131,6 +149,9 @@ def _masked_dot_loop(x_ptr, y_ptr, rows, cols, row_ok, col_ok, K, stride_xm, str
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
+        if ROUND_TF32:
+            x = _round_tf32(x)
+            y = _round_tf32(y)
         acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -163,7 +184,8 @@ def _gemm_tile(
     stride_cm, stride_cn,
     seed, threshold,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EPI_DROPOUT: tl.constexpr, BASE_IN_C: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_NK: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_UPCAST: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, W_NK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One BLOCK_M×BLOCK_N output tile of ``_lora_gemm_kernel`` (see there)."""
@@ -175,7 +197,8 @@ def _gemm_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA and EPI_DROPOUT:
         acc = _masked_dot_loop(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
-                               stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
+                               stride_ln, acc, LORA_UPCAST, LORA_PRECISION, BLOCK_R,
+                               LORA_PRECISION == "tf32")
         keep = _dropout_keep(seed, rows, pid_n.to(tl.int64) * BLOCK_N, N, threshold.to(tl.uint32), BLOCK_N)
         acc = tl.where(keep, acc, tl.zeros_like(acc))
     if BASE_IN_C:
@@ -198,10 +221,11 @@ def _gemm_tile(
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     else:
         acc = _masked_dot_loop(a_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_ak, stride_wk,
-                               stride_wn, acc, UPCAST, INPUT_PRECISION, BLOCK_K)
+                               stride_wn, acc, UPCAST, INPUT_PRECISION, BLOCK_K, False)
     if HAS_LORA and not EPI_DROPOUT:
         acc = _masked_dot_loop(t_ptr, l_ptr, rows, cols, row_ok, col_ok, R, stride_tm, stride_tr, stride_lr,
-                               stride_ln, acc, UPCAST, INPUT_PRECISION, BLOCK_R)
+                               stride_ln, acc, LORA_UPCAST, LORA_PRECISION, BLOCK_R,
+                               LORA_PRECISION == "tf32")
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
@@ -235,6 +259,8 @@ def _lora_gemm_kernel(
     BASE_IN_C: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    LORA_UPCAST: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     W_NK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -263,6 +289,11 @@ def _lora_gemm_kernel(
     BASE_IN_C: c already holds a @ w (+ bias), computed outside (cuBLAS, or a base-weight type's own product); the
     kernel adds keep ⊙ (t @ l) in place.
     This is the "split" arrangement the launcher falls back to where cuBLAS measures faster than our GEMM.
+
+    LORA_UPCAST / LORA_PRECISION: the LoRA K-loop's own dot flags (UPCAST / INPUT_PRECISION serve the main loop).
+    Equal to the main loop's when t and l are in a's dtype; fp32 t and l in a 16-bit GEMM (fp32 adapters) take
+    LORA_PRECISION="tf32": with it the loop rounds its fp32 operands to nearest tf32 (``_round_tf32``) rather than
+    letting the tensor cores truncate them.
     """
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
@@ -288,14 +319,16 @@ def _lora_gemm_kernel(
             _gemm_tile(pid_m, pid_n, a_ptr, w_ptr, bias_ptr, t_ptr, l_ptr, c_ptr, a_desc, w_desc, c_desc,
                        M, N, K, R, stride_am, stride_ak, stride_wk, stride_wn, stride_tm, stride_tr,
                        stride_lr, stride_ln, stride_cm, stride_cn, seed, threshold,
-                       HAS_BIAS, HAS_LORA, EPI_DROPOUT, BASE_IN_C, UPCAST, INPUT_PRECISION, USE_TMA, W_NK,
+                       HAS_BIAS, HAS_LORA, EPI_DROPOUT, BASE_IN_C, UPCAST, INPUT_PRECISION, LORA_UPCAST,
+                       LORA_PRECISION, USE_TMA, W_NK,
                        BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     else:
         pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _gemm_tile(pid_m, pid_n, a_ptr, w_ptr, bias_ptr, t_ptr, l_ptr, c_ptr, a_desc, w_desc, c_desc,
                    M, N, K, R, stride_am, stride_ak, stride_wk, stride_wn, stride_tm, stride_tr,
                    stride_lr, stride_ln, stride_cm, stride_cn, seed, threshold,
-                   HAS_BIAS, HAS_LORA, EPI_DROPOUT, BASE_IN_C, UPCAST, INPUT_PRECISION, USE_TMA, W_NK,
+                   HAS_BIAS, HAS_LORA, EPI_DROPOUT, BASE_IN_C, UPCAST, INPUT_PRECISION, LORA_UPCAST,
+                   LORA_PRECISION, USE_TMA, W_NK,
                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
 

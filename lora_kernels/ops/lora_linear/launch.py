@@ -42,8 +42,31 @@ def _dropout_threshold(p: float) -> int:
     return min(int(p * 2.0**32), 2**32 - 1)
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=_upcast(dtype), INPUT_PRECISION=_input_precision(dtype))
+def _dot_flags(dtype: torch.dtype, other: Optional[torch.dtype] = None) -> dict:
+    """UPCAST / INPUT_PRECISION of a product of a ``dtype`` operand with an ``other`` one (default: the same dtype).
+    A 16-bit operand with an fp32 one (fp32 adapters on a 16-bit base: x or g with A, B, t' or gB') is an fp32
+    product: the 16-bit operand is upcast exactly and the precision follows fp32's rule, as PEFT's fp32 lora_A /
+    lora_B (cuBLAS: IEEE unless TF32 is allowed)."""
+    if other is None or other == dtype:
+        return dict(UPCAST=_upcast(dtype), INPUT_PRECISION=_input_precision(dtype))
+    return dict(UPCAST=True, INPUT_PRECISION=_input_precision(torch.float32))
+
+
+def lora_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the N×r intermediates t' and gB': the adapters' when they are wider than x (fp32 adapters on
+    a 16-bit base keep the LoRA branch in fp32, as PEFT does), else x's."""
+    return torch.promote_types(x_dtype, adapter_dtype)
+
+
+def _lora_loop_flags(main_dtype: torch.dtype, lora: torch.dtype) -> dict:
+    """LORA_UPCAST / LORA_PRECISION of the GEMM's LoRA K-loop (t' l, over r).  Same dtype as the main loop: its
+    flags.  fp32 t' and l in a 16-bit GEMM: tf32 on the tensor cores, the operands rounded to nearest tf32 in the
+    kernel (the output is 16-bit: that rounding, ≤ 2⁻¹¹ relative, is at or below the output's own; IEEE fp32
+    would run on the FMA units and convert the accumulator out of the wgmma layout, docs/design.md decision 14)."""
+    if lora == main_dtype:
+        f = _dot_flags(main_dtype)
+        return dict(LORA_UPCAST=f["UPCAST"], LORA_PRECISION=f["INPUT_PRECISION"])
+    return dict(LORA_UPCAST=False, LORA_PRECISION="tf32")
 
 
 def keep_mask(seed: int, n: int, k: int, p: float, device) -> torch.Tensor:
@@ -57,10 +80,11 @@ def keep_mask(seed: int, n: int, k: int, p: float, device) -> torch.Tensor:
 
 
 def shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float, out_scale: float) -> torch.Tensor:
-    """t = out_scale · (m ⊙ x2d) aᵀ, a: [R, K] any strides.  The mask only (no 1/(1-p): fold it into out_scale)."""
+    """t = out_scale · (m ⊙ x2d) aᵀ, a: [R, K] any strides.  The mask only (no 1/(1-p): fold it into out_scale).
+    t is in ``lora_dtype``: fp32 for a 16-bit x with fp32 a (an fp32 product, x upcast in the kernel)."""
     m, k = x2d.shape
     r = a.shape[0]
-    t = _empty((m, r), x2d.device, x2d.dtype)
+    t = _empty((m, r), x2d.device, lora_dtype(x2d.dtype, a.dtype))  # fp32 with fp32 adapters: PEFT's precision
     if m == 0:
         return t
     meta = tuning.shrink_meta(r)
@@ -68,7 +92,7 @@ def shrink(x2d: torch.Tensor, a: torch.Tensor, seed: int, p: float, out_scale: f
         x2d, a, t, m, k, r,
         x2d.stride(0), x2d.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
         seed, _dropout_threshold(p), out_scale,
-        HAS_DROPOUT=p > 0.0, **_dot_flags(x2d.dtype), **meta,
+        HAS_DROPOUT=p > 0.0, **_dot_flags(x2d.dtype, a.dtype), **meta,
     )
     return t
 
@@ -140,7 +164,7 @@ def _gemm_launch(a2d, w, w_nk, bias, t, l, c, seed, p, epi_dropout, base_in_c):
     )
     flags = dict(HAS_BIAS=has_bias, HAS_LORA=r > 0, EPI_DROPOUT=epi_dropout and p > 0.0, BASE_IN_C=base_in_c,
                  BLOCK_R=tuning.block_r(r), USE_TMA=not base_in_c and _use_tma(a2d, w, c), W_NK=w_nk,
-                 **_dot_flags(a2d.dtype))
+                 **_dot_flags(a2d.dtype), **_lora_loop_flags(a2d.dtype, t.dtype))
     if autotune_enabled() and not base_in_c:
         grid = lambda meta: (tuning.grid_size(m, n, meta, a2d.device),)  # noqa: E731
         tuning._lora_gemm_kernel_tuned[grid](*args, **flags)
@@ -189,10 +213,11 @@ def gemm(a2d: torch.Tensor, base: BaseWeight, w_nk: bool, bias: Optional[torch.T
         if interpreter_enabled() or not a2d.is_cuda:
             setting = "fused"
         else:
+            # The LoRA operands' dtype goes last: readers of gemm_arrangement_report() zip the leading fields.
             key = ("fwd" if w_nk else "dgrad", a2d.device.index, str(a2d.dtype).replace("torch.", ""),
                    min(triton.next_power_of_2(m), 16384), n, a2d.shape[1], t.shape[1], bias is not None,
                    epi_dropout and p > 0.0, (n * a2d.element_size()) % 16 == 0 and _use_tma(a2d, w, a2d),
-                   _input_precision(a2d.dtype), autotune_enabled())
+                   _input_precision(a2d.dtype), autotune_enabled(), str(t.dtype).replace("torch.", ""))
             setting = arrangement.choose(key, {"fused": lambda: _gemm_fused(*call),
                                                "split": lambda: _gemm_split(*call)})
     return _gemm_fused(*call) if setting == "fused" else _gemm_split(*call)
@@ -203,12 +228,13 @@ def gemm(a2d: torch.Tensor, base: BaseWeight, w_nk: bool, bias: Optional[torch.T
 # --------------------------------------------------------------------------------------------------------------
 
 def _wgrad(left: torch.Tensor, right: torch.Tensor, seed: int, p: float, splits: Optional[int] = None):
-    """Σ_m (keep ⊙ left)ᵀ[:, m] right[m, :] in fp32, shape [P, Q]; keep only when p > 0 (left is then x)."""
+    """Σ_m (keep ⊙ left)ᵀ[:, m] right[m, :] in fp32, shape [P, Q]; keep only when p > 0 (left is then x).  left
+    16-bit with right fp32 (t' or gB' of fp32 adapters): an fp32 product, left upcast in the kernel."""
     m, pdim = left.shape
     q = right.shape[1]
     if m == 0:
         return torch.zeros((pdim, q), device=left.device, dtype=torch.float32)
-    meta = tuning.wgrad_meta(pdim, q, left.dtype)
+    meta = tuning.wgrad_meta(pdim, q, torch.promote_types(left.dtype, right.dtype))
     bp, bq, bm = meta["BLOCK_P"], meta["BLOCK_Q"], meta["BLOCK_M"]
     if splits is None:
         splits = tuning.wgrad_splits(m, triton.cdiv(pdim, bp) * triton.cdiv(q, bq), bm, left.device)
@@ -220,7 +246,7 @@ def _wgrad(left: torch.Tensor, right: torch.Tensor, seed: int, p: float, splits:
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
         seed, _dropout_threshold(p),
-        HAS_DROPOUT=p > 0.0, **_dot_flags(left.dtype), **meta,
+        HAS_DROPOUT=p > 0.0, **_dot_flags(left.dtype, right.dtype), **meta,
     )
     return partial[0] if splits == 1 else partial.sum(0)
 

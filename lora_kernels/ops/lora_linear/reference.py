@@ -31,6 +31,10 @@ def lora_linear_ref(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, se
     Dropout: ``dropout_mask`` (bool, broadcastable to x; True = kept) if given; else, with ``seed``, the very mask
     ``lora_linear(..., seed=seed)`` draws (so the two agree call for call); else ``torch.nn.functional.dropout``.
     ``upcast=True`` computes in float64 and returns float64.
+
+    Adapters in another dtype than x (fp32 lora_A / lora_B on a 16-bit base) are composed as PEFT's
+    ``lora.Linear.forward``: the base product in x's dtype, x cast to the adapters' dtype for the LoRA branch, the
+    sum in the wider dtype, cast back to x's dtype.
     """
     if dropout_mask is None and seed is not None and dropout_p > 0.0:
         n_in = x.shape[-1]
@@ -39,10 +43,12 @@ def lora_linear_ref(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, se
     if upcast:
         x, weight, lora_A, lora_B = (v.double() for v in (x, weight, lora_A, lora_B))
         bias = bias.double() if bias is not None else None
+    xl = x if lora_A.dtype == x.dtype else x.to(lora_A.dtype)  # PEFT's _cast_input_dtype
     if dropout_mask is not None:
-        xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+        xd = xl * dropout_mask.to(xl.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
-        xd = torch.nn.functional.dropout(x, dropout_p, training=True)
+        xd = torch.nn.functional.dropout(xl, dropout_p, training=True)
     else:
-        xd = x
-    return torch.nn.functional.linear(x, weight, bias) + scale * ((xd @ lora_A.t()) @ lora_B.t())
+        xd = xl
+    y = torch.nn.functional.linear(x, weight, bias) + scale * ((xd @ lora_A.t()) @ lora_B.t())
+    return y.to(x.dtype)

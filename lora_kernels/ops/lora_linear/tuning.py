@@ -74,8 +74,9 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return keep or [c for c in configs if not c.kwargs["PERSISTENT"]][-1:]
 
 
+# Triton adds every tensor argument's dtype to the key, so fp32 adapters (fp32 t', l) tune apart from 16-bit ones.
 GEMM_TUNE_KEY = ["M_BUCKET", "N", "K", "R", "HAS_LORA", "EPI_DROPOUT", "HAS_BIAS", "BASE_IN_C", "USE_TMA", "W_NK",
-                 "INPUT_PRECISION"]
+                 "INPUT_PRECISION", "LORA_PRECISION"]
 _lora_gemm_kernel_tuned = triton.autotune(configs=get_gemm_configs(), key=GEMM_TUNE_KEY,
                                           prune_configs_by={"early_config_prune": _prune_gemm_configs})(_lora_gemm_kernel)
 
@@ -134,7 +135,8 @@ def _wgrad_meta(pdim: int, q: int, dtype: torch.dtype):
 
 
 def wgrad_meta(pdim: int, q: int, dtype: torch.dtype) -> dict:
-    """Launch parameters of the token reduction for a [P, Q] result."""
+    """Launch parameters of the token reduction for a [P, Q] result; ``dtype``: the product's (fp32 when a 16-bit
+    left operand meets fp32 t' or gB': the fp32 tile, whose mixed variants compile without spill on sm_90)."""
     if interpreter_enabled():
         return dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_M=32)
     bp, bq, bm, warps = _wgrad_meta(pdim, q, dtype)
