@@ -29,14 +29,14 @@ from utils import Budget, environment, markdown_table, plot_ratios, write_csv  #
 from lora_kernels import inject_lora  # noqa: E402
 
 
-def build_base(smoke: bool, device, dtype):
+def build_base(smoke: bool, device, dtype, layers: int = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if smoke:
-        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=layers or 2,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 8,
                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):

@@ -154,15 +154,10 @@ def _sync(device) -> None:
 
 def _median_ms(fn, device, reps: int = 3) -> float:
     """Median of ``reps`` single runs after one warm-up (slow calls, where do_bench's repeat count would not fit)."""
+    import bench_rsvd
+
     fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return bench_rsvd.time_slow_ms(fn, device, reps)
 
 
 # ==============================================================================================================
@@ -857,24 +852,6 @@ def e2e_plan(dry: bool):
     return ["base model"] + [f"{prov} {mode}" for mode in ("AB", "B") for prov in ("peft", "lora_kernels")]
 
 
-def _llama_base(dry: bool, layers: int, device, dtype):
-    """bench/bench_e2e.py's build_base with the layer count as a parameter (that one is fixed at 8 layers)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if dry:
-        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    model.requires_grad_(False)
-    return model
-
-
 def stage_e2e(wk: Worker) -> None:
     import torch
 
@@ -903,7 +880,7 @@ def stage_e2e(wk: Worker) -> None:
     base = None
     if wk.allows(plan[0], need=5.0):
         with wk.case(plan[0]) as rec:
-            base = _llama_base(wk.dry, layers, dev, dtype)
+            base = BE.build_base(wk.dry, dev, dtype, layers=layers)
             rec.update(params=sum(q.numel() for q in base.parameters()), **common)
     for name in plan[1:]:
         provider, mode = name.split()
