@@ -153,7 +153,8 @@ def main(argv=None):
             bench_rsvd.main([])
             bench_e2e.main([])
     elif not cuda:
-        print("no CUDA GPU: benchmarks skipped (bench_lora_linear.py, bench_rsvd.py and bench_e2e.py need one)")
+        print("no CUDA GPU: GPU benchmarks skipped (bench_lora_linear.py, bench_rsvd.py, bench_e2e.py); the PyTorch "
+              "path against nn.Linear and PEFT on this CPU: python3 bench/bench_lora_linear.py --device cpu")
 
 
 if __name__ == "__main__":
