@@ -262,3 +262,33 @@ def assert_matches_reference(got, same, ref64, k, what="output"):
     bound = 2 * base + error_floor(got.dtype, k)
     assert err <= bound, f"{what}: rel err {err:.3e} vs the reference's own {base:.3e} (bound {bound:.3e})"
     return err, base
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What lora_linear saves for backward (the contract, checked from three test modules)
+# ------------------------------------------------------------------------------------------------------------
+
+SAVED_ACTIVATIONS = {"B": ("t",), "AB": ("x", "t"), "A": ("x",)}  # per mode; plus one CPU int64 seed, always
+
+
+def check_saved_for_backward(x, w, b, a, bb, p, mode):
+    """Run ``lora_linear``'s forward under ``saved_tensors_hooks`` and check the contract every backend meets: one
+    CPU int64 scalar seed; besides the parameters (saved by reference), B-only keeps t (N×r) and never anything
+    N×in, AB keeps x and t, A-only keeps x; x is the caller's own tensor (same storage, no copy), and no mask is
+    stored.  Returns (y, the saved activations) for dtype checks by the caller."""
+    n, d_in, r = x.shape[0], x.shape[1], a.shape[0]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear(x, w, b, a, bb, 1.0, p)
+    params = {w.data_ptr(), a.data_ptr(), bb.data_ptr()}
+    seeds = [t for t in saved if t.dim() == 0 and t.dtype == torch.int64]
+    assert len(seeds) == 1 and seeds[0].device.type == "cpu", "the dropout seed is saved as one CPU int64 scalar"
+    acts = [t for t in saved if t.data_ptr() not in params and t.dim() > 0]
+    want = {"x": (n, d_in), "t": (n, r)}
+    assert sorted(tuple(t.shape) for t in acts) == sorted(want[k] for k in SAVED_ACTIVATIONS[mode])
+    for t in acts:
+        if t.shape == (n, d_in):
+            assert t.data_ptr() == x.data_ptr(), "x must be saved as-is, not copied"
+    if mode == "B":
+        assert all(t.numel() < n * d_in for t in acts), "B-only keeps nothing N×in"
+    return y, acts

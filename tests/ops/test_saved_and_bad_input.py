@@ -5,7 +5,7 @@ import torch
 
 from lora_kernels import lora_linear
 from lora_kernels._backend import HAS_TRITON
-from tests.helpers import MODES, make_case
+from tests.helpers import MODES, check_saved_for_backward, make_case
 
 if HAS_TRITON:
     from lora_kernels.ops.lora_linear import launch
@@ -15,35 +15,11 @@ if HAS_TRITON:
 # What is saved for backward
 # ------------------------------------------------------------------------------------------------------------
 
-def saved_by(fn):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = fn()
-    return saved, out
-
-
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_saved_tensors(backend, mode, p):
-    n, d_in, d_out, r = 40, 48, 32, 4
-    x, w, b, a, bb = make_case(n, d_in, d_out, r, torch.float32, mode)
-    saved, y = saved_by(lambda: lora_linear(x, w, b, a, bb, 1.0, p))
-    params = {w.data_ptr(), a.data_ptr(), bb.data_ptr()}
-    seeds = [t for t in saved if t.dim() == 0 and t.dtype == torch.int64]
-    assert len(seeds) == 1 and seeds[0].device.type == "cpu", "the dropout seed is saved as one CPU int64 scalar"
-    activations = [t for t in saved if t.data_ptr() not in params and t.dim() > 0]
-    shapes = sorted(tuple(t.shape) for t in activations)
-    if mode == "B":
-        # t only: never x nor anything N×in, with or without dropout.
-        assert shapes == [(n, r)]
-        assert all(t.numel() < n * d_in for t in activations)
-    elif mode == "AB":
-        assert shapes == sorted([(n, d_in), (n, r)])
-    else:  # A-only: x for dA; t is not needed (dB is never computed)
-        assert shapes == [(n, d_in)]
-    for t in activations:
-        if t.shape == (n, d_in):
-            assert t.data_ptr() == x.data_ptr(), "x must be saved as-is, not copied"
+    x, w, b, a, bb = make_case(40, 48, 32, 4, torch.float32, mode)
+    y, _ = check_saved_for_backward(x, w, b, a, bb, p, mode)
     y.sum().backward()  # and the saved state is enough for backward
 
 

@@ -12,7 +12,8 @@ import torch
 from lora_kernels import FusedLoRALinear, dropout_mask, lora_linear, lora_linear_ref
 from lora_kernels.ops.lora_linear import dispatch, torch_path
 from lora_kernels.ops.lora_linear.base_weight import BaseWeight, DenseWeight
-from tests.helpers import MODES, grads_of, load_repo_module, make_case, rel_err, run_and_compare, standalone_bound
+from tests.helpers import (MODES, check_saved_for_backward, grads_of, load_repo_module, make_case, rel_err,
+                           run_and_compare, standalone_bound)
 
 
 @pytest.fixture(autouse=True)
@@ -240,23 +241,9 @@ def test_checkpoint_regenerates_the_mask(reentrant, train_a):
 def test_saved_for_backward(mode, p, dtype):
     """B-only: t (N×r) and the seed, never x nor anything N×in; AB: x itself (no copy), t and the seed; A-only: x
     and the seed.  No mask is stored, with or without dropout: the backward draws it again from the seed."""
-    n, d_in, d_out, r = 40, 48, 32, 4
-    x, w, b, a, bb = make_case(n, d_in, d_out, r, dtype, mode)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = lora_linear(x, w, b, a, bb, 1.0, p)
-    params = {w.data_ptr(), a.data_ptr(), bb.data_ptr()}
-    seeds = [t for t in saved if t.dim() == 0 and t.dtype == torch.int64]
-    assert len(seeds) == 1 and seeds[0].device.type == "cpu"
-    acts = [t for t in saved if t.data_ptr() not in params and t.dim() > 0]
-    want = {"B": [(n, r)], "AB": [(n, d_in), (n, r)], "A": [(n, d_in)]}[mode]
-    assert sorted(tuple(t.shape) for t in acts) == sorted(want)
-    for t in acts:
-        assert t.dtype == dtype
-        if t.shape == (n, d_in):
-            assert t.data_ptr() == x.data_ptr(), "x is saved as-is, not copied"
-    if mode == "B":
-        assert all(t.numel() < n * d_in for t in acts)
+    x, w, b, a, bb = make_case(40, 48, 32, 4, dtype, mode)
+    y, acts = check_saved_for_backward(x, w, b, a, bb, p, mode)
+    assert all(t.dtype == dtype for t in acts)
     y.sum().backward()
 
 
