@@ -13,9 +13,11 @@ left is not started.  Shares in seconds at --budget 450 (another budget scales t
 |---------|-------|---------------------------------------------------------------------------------------------|
 | env     | 10    | GPU, driver, clocks, SM count, versions, optional dependencies, lora_kernels._C             |
 | correct | 150   | every kernel family vs float64, autotuning off, poisoned outputs; parallel worker processes |
-| ratios  | 120   | 8192 tokens x 4096->4096 r=16 bf16: nn.Linear, PEFT, addmm, ours (auto/fused/split)          |
+| ratios  | 120   | 8192 tokens x 4096->4096 r=16 bf16: nn.Linear, PEFT, addmm, ours (auto/fused/split); last, ours   |
+|         |       | with fp32 lora_A/lora_B (AB, B, AB p=0.1) next to ours and nn.Linear                          |
 | rsvd    | 60    | batch 32 x 4096^2 r=16 (k=4r, niter 5 and 6), LoRA-One's svd_lowrank, CUDA Jacobi vs linalg  |
-| e2e     | 90    | 4 LLaMA-7B-width layers, bf16, r=16 all-linear, seq 2048: PEFT vs ours, AB and B, p=0.05     |
+| e2e     | 90    | 4 LLaMA-7B-width layers, bf16, r=16 all-linear, seq 2048: PEFT vs ours, AB and B, p=0.05;    |
+|         |       | last, peft+patch (the PEFT model after lora_kernels.patch_peft, its fp32 adapters), AB and B  |
 | reserve | 20    | kill grace, CSVs, PNGs, summary                                                              |
 
 How a stage is cut: every stage except env runs in child processes of this script (``--worker STAGE``), which
@@ -670,7 +672,55 @@ def ratio_plan(dry: bool):
             (f"fwdbwd-AB N={big}", big, 0.0, "fwdbwd-AB", "fwdbwd-AB"),
             (f"fwdbwd-B N={big}", big, 0.0, "fwdbwd-B", "fwdbwd-B"),
             (f"fwdbwd-AB p=0.1 N={big}", big, 0.1, "fwdbwd-AB", "fwdbwd-AB p=0.1"),
-            (f"fwdbwd-AB N={small}", small, 0.0, "fwdbwd-AB", "fwdbwd-AB small")]
+            (f"fwdbwd-AB N={small}", small, 0.0, "fwdbwd-AB", "fwdbwd-AB small")] + [
+        # fp32 lora_A / lora_B on the same 16-bit x, W (PEFT's default; docs/design.md decision 14), after the rows
+        # above so they never displace them: nn.Linear, ours with 16-bit adapters and ours with fp32 adapters, timed
+        # back to back (the last one's ratio to the middle one is the predicted +1-3% step cost)
+        (f"fwdbwd-AB {FP32A} N={big}", big, 0.0, "fwdbwd-AB", "fwdbwd-AB"),
+        (f"fwdbwd-B {FP32A} N={big}", big, 0.0, "fwdbwd-B", "fwdbwd-B"),
+        (f"fwdbwd-AB p=0.1 {FP32A} N={big}", big, 0.1, "fwdbwd-AB", "fwdbwd-AB p=0.1")]
+
+
+FP32A = "fp32-adapters"  # marks the ratios cases (and the provider) with lora_A / lora_B in float32
+
+
+def _fp32_adapter_rows(BL, shape, n, r, p, mode, base, a, b, x, g, errs) -> List[dict]:
+    """nn.Linear, ours (adapters in x's dtype) and ours with fp32 adapters, timed as bench_lora_linear._time_mode
+    times its providers; the fp32 row also carries its ratio to ours and the dtypes dA / dB came back in."""
+    import torch
+    import torch.nn.functional as F
+
+    from lora_kernels import lora_linear
+
+    a_tr, b_tr = BL.TRAINS[mode]
+    provs = {"linear": (lambda x: F.linear(x, base.weight, base.bias), [], [base.weight, base.bias])}
+    for name, dt in (("ours", a.dtype), (f"ours-{FP32A}", torch.float32)):
+        A = a.detach().to(dt, copy=True).requires_grad_(a_tr)
+        B = b.detach().to(dt, copy=True).requires_grad_(b_tr)
+        provs[name] = (lambda x, A=A, B=B: lora_linear(x, base.weight, base.bias, A, B, 1.0, p),
+                       [t for t, tr in ((A, a_tr), (B, b_tr)) if tr], [base.weight, base.bias, A, B])
+    rows, ms_of = [], {}
+    for name, (fwd, trainable, params) in provs.items():
+        xx = x.clone().requires_grad_()
+
+        def fn(fwd=fwd, trainable=trainable, xx=xx):
+            return torch.autograd.grad(fwd(xx), [xx] + trainable, g)
+        saved = BL.saved_activation_bytes(lambda fwd=fwd, xx=xx: fwd(xx), params)
+        grads = fn()  # autotuning / compilation outside the timed region
+        ms = ms_of[name] = BL.bench_ms(fn)
+        peak = BL.peak_mem_bytes(fn)
+        row = dict(shape=shape.name, d_in=shape.d_in, d_out=shape.d_out, tokens=n, r=r, dropout=p, mode=mode,
+                   provider=name, ms=ms, ratio=ms / ms_of["linear"],
+                   tflops=BL._flops(n, shape.d_in, shape.d_out, r, mode) / ms / 1e9, peak_mb=peak / 2**20,
+                   saved_mb=saved / 2**20, **errs)
+        if name != "linear":
+            row["adapter_dtype"] = _dt(trainable[0].dtype)
+            row["adapter_grad_dtypes"] = "/".join(_dt(t.dtype) for t in grads[1:])
+            row["grad_dtypes_ok"] = all(t.dtype == q.dtype for t, q in zip(grads[1:], trainable))
+        if name == f"ours-{FP32A}":
+            row["ratio_vs_ours"] = ms / ms_of["ours"]
+        rows.append(row)
+    return rows
 
 
 def stage_ratios(wk: Worker) -> None:
@@ -707,12 +757,20 @@ def stage_ratios(wk: Worker) -> None:
                 errs = BL.check_numerics(base, a, b, x, g, p)  # first call: autotuning and the "auto" arrangement
                 data[(n, p)] = (base, a, b, x, g, errs)
             base, a, b, x, g, errs = data[(n, p)]
-            rows = BL._time_mode(shape, n, r, p, mode, base, a, b, x, g, errs)
+            grads_ok = True
+            if FP32A in name:
+                if (n, p, FP32A) not in data:  # same weights, adapters in fp32; numerics as for the rows above
+                    data[(n, p, FP32A)] = BL.check_numerics(base, a.float(), b.float(), x, g, p)
+                errs = data[(n, p, FP32A)]
+                rows = _fp32_adapter_rows(BL, shape, n, r, p, mode, base, a, b, x, g, errs)
+                grads_ok = all(row.get("grad_dtypes_ok", True) for row in rows)
+            else:
+                rows = BL._time_mode(shape, n, r, p, mode, base, a, b, x, g, errs)
             floor = error_floor(dtype, shape.d_in + shape.d_out + r)
             numerics = {k: (errs[f"err_{k}"], 2 * errs[f"err_torch_{k}"] + floor) for k in ("y", "dx", "dA", "dB")}
             rec.update(rows=[dict(row, case=name, dtype=_dt(dtype)) for row in rows], target=RATIO_TARGETS[target],
                        target_key=target, numerics=numerics,
-                       numerics_ok=all(e <= bnd for e, bnd in numerics.values()))
+                       numerics_ok=grads_ok and all(e <= bnd for e, bnd in numerics.values()))
     names = ("pass", "device_index", "dtype", "m_bucket", "n", "k", "r", "bias", "dropout", "tma", "input_precision",
              "autotune")
     arr = [dict(zip(names, key), **v) for key, v in gemm_arrangement_report().items()]
@@ -849,7 +907,31 @@ def stage_rsvd(wk: Worker) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 def e2e_plan(dry: bool):
-    return ["base model"] + [f"{prov} {mode}" for mode in ("AB", "B") for prov in ("peft", "lora_kernels")]
+    # "peft+patch": the "peft" model, then lora_kernels.patch_peft (PEFT's fp32 adapters served by our op); last,
+    # so it never displaces the rows before it
+    return (["base model"] + [f"{prov} {mode}" for mode in ("AB", "B") for prov in ("peft", "lora_kernels")]
+            + [f"peft+patch {mode}" for mode in ("AB", "B")])
+
+
+def _run_peft_patched(BE, base, mode, p, r, batch, seq, steps, dev) -> dict:
+    """bench_e2e.run_config for the PEFT model built exactly as its "peft" provider (lora_A frozen for B), then
+    patched by lora_kernels.patch_peft: run_config's own adapt is wrapped for the call."""
+    import lora_kernels
+
+    adapt, counts = BE.adapt, {}
+
+    def patched(base, provider, mode, p, r):
+        model = lora_kernels.patch_peft(adapt(base, "peft", mode, p, r))
+        counts["patched_layers"] = sum(1 for m in model.modules() if lora_kernels.is_peft_patched(m))
+        counts["adapter_dtype"] = next(_dt(q.dtype) for n, q in model.named_parameters() if "lora_B" in n)
+        return model
+
+    BE.adapt = patched
+    try:
+        row = BE.run_config(base, "peft+patch", mode, p, False, r, batch, seq, steps, dev)
+    finally:
+        BE.adapt = adapt
+    return dict(row, **counts)
 
 
 def stage_e2e(wk: Worker) -> None:
@@ -887,14 +969,17 @@ def stage_e2e(wk: Worker) -> None:
         if base is None:
             wk.skip(name, "no base model (cut)")
             continue
-        if provider == "peft" and not has_peft:
+        if provider in ("peft", "peft+patch") and not has_peft:
             wk.skip(name, peft_err)
             continue
         if not wk.allows(name, need=5.0):
             continue
         with wk.case(name) as rec:
             try:
-                row = BE.run_config(base, provider, mode, p, False, r, batch, seq, steps, dev)
+                if provider == "peft+patch":
+                    row = _run_peft_patched(BE, base, mode, p, r, batch, seq, steps, dev)
+                else:
+                    row = BE.run_config(base, provider, mode, p, False, r, batch, seq, steps, dev)
             finally:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
@@ -1378,10 +1463,12 @@ class Driver:
                 rows.append(dict(case=name, provider=provider, mode=mode, error=rec["error"][:300]))
         by = {(r.get("provider"), r.get("mode")): r for r in rows}
         for mode in ("AB", "B"):
-            peft, ours = by.get(("peft", mode)), by.get(("lora_kernels", mode))
-            if peft and ours and peft.get("ms") and ours.get("ms"):
-                ours["speedup_vs_peft"] = peft["ms"] / ours["ms"]
-                ours["memory_saving_vs_peft"] = (1 - ours["peak_gib"] / peft["peak_gib"]) if peft["peak_gib"] else ""
+            for prov in ("lora_kernels", "peft+patch"):
+                peft, ours = by.get(("peft", mode)), by.get((prov, mode))
+                if peft and ours and peft.get("ms") and ours.get("ms"):
+                    ours["speedup_vs_peft"] = peft["ms"] / ours["ms"]
+                    ours["memory_saving_vs_peft"] = ((1 - ours["peak_gib"] / peft["peak_gib"]) if peft["peak_gib"]
+                                                     else "")
         return rows
 
     def other_failures(self, ratio_rows, jac_rows) -> List[str]:
@@ -1455,15 +1542,22 @@ class Driver:
             h = ratio_rows[0]
             L.append(f"ratios ({h['shape']}, r={h['r']}, {h['dtype']}; ms of nn.Linear, then time / nn.Linear; "
                      f"{'perf_counter' if dry else 'do_bench'} medians):")
-            provs = [p for p in dict.fromkeys(r["provider"] for r in ratio_rows) if p != "linear"]
-            L.append(f"  {'case':23s} {'linear':>7s} " + " ".join(f"{p[:10]:>10s}" for p in provs) + "  target")
-            for case in dict.fromkeys(r["case"] for r in ratio_rows):
+            provs = [p for p in dict.fromkeys(r["provider"] for r in ratio_rows if FP32A not in r["case"])
+                     if p != "linear"]
+            # fp32 adapters (the FP32A cases) in one more column on their 16-bit case's line: time / nn.Linear, then
+            # (time / ours with 16-bit adapters, same case, same run; predicted 1.01-1.03)
+            f32 = {r["case"].replace(f" {FP32A}", ""): r for r in ratio_rows if r["provider"] == f"ours-{FP32A}"}
+            L.append(f"  {'case':23s} {'linear':>7s} " + " ".join(f"{p[:10]:>10s}" for p in provs)
+                     + (f" {'fp32A(/ours)':>13s}" if f32 else "") + "  target")
+            for case in dict.fromkeys(r["case"] for r in ratio_rows if FP32A not in r["case"]):
                 rr = {r["provider"]: r for r in ratio_rows if r["case"] == case}
                 ours = rr.get("ours", {}).get("ratio")
                 tgt = next(r["target"] for r in ratio_rows if r["case"] == case)
                 mark = "" if (ours is None or dry) else (" met" if ours <= tgt else " MISSED")
                 L.append(f"  {case:23s} {_fmt(rr.get('linear', {}).get('ms'), '7.3f')} " + " ".join(
-                    f"{_fmt(rr.get(p, {}).get('ratio'), '10.3f')}" for p in provs) + f"  <={tgt:.2f}{mark}")
+                    f"{_fmt(rr.get(p, {}).get('ratio'), '10.3f')}" for p in provs)
+                    + ((f" {_fmt(f32[case].get('ratio'), '.3f'):>6s}({_fmt(f32[case].get('ratio_vs_ours'), '.3f')})"
+                        if case in f32 else f" {'-':>13s}") if f32 else "") + f"  <={tgt:.2f}{mark}")
             if arr_rows:
                 top = max(a.get("m_bucket", 0) for a in arr_rows)
                 L.append(f"  auto (M bucket {top}): " + "; ".join(
@@ -1471,7 +1565,7 @@ class Driver:
                     f"{_fmt(a.get('fused_ms'), '.3f')} / split {_fmt(a.get('split_ms'), '.3f')} ms)"
                     for a in arr_rows if a.get("m_bucket") == top))
             mem = [r for r in ratio_rows if r["provider"] in ("ours", "peft", "peft-like") and r["mode"] != "fwd"
-                   and r["case"].startswith("fwdbwd-") and "p=" not in r["case"]][:4]
+                   and r["case"].startswith("fwdbwd-") and "p=" not in r["case"] and FP32A not in r["case"]][:4]
             if mem:
                 L.append("  peak / saved MB: " + "; ".join(f"{r['case'].split()[0][7:]} {r['provider']} "
                                                            f"{r['peak_mb']:.0f}/{r['saved_mb']:.1f}" for r in mem)
@@ -1511,7 +1605,7 @@ class Driver:
             head = (f"e2e {mode:2s} ({h.get('layers')} layers, {h.get('batch')}x{h.get('seq')}, r={h.get('r')}, "
                     f"p={h.get('dropout')}): " if h else f"e2e {mode}: ")
             parts = []
-            for prov in ("peft", "lora_kernels"):
+            for prov in ("peft", "lora_kernels", "peft+patch"):
                 r = rr.get(prov)
                 if r and "ms" in r:
                     parts.append(f"{prov} {r['ms']:.1f} ms {r['peak_gib']:.2f} GiB")
@@ -1522,6 +1616,11 @@ class Driver:
                 saving = ours.get("memory_saving_vs_peft")
                 parts.append(f"{ours['speedup_vs_peft']:.2f}x speed (>=1.25)"
                              + (f", {saving:.0%} less memory (>=25%)" if isinstance(saving, float) else ""))
+            patch = rr.get("peft+patch", {})
+            if isinstance(patch.get("speedup_vs_peft"), float):
+                saving = patch.get("memory_saving_vs_peft")
+                parts.append(f"patch {patch['speedup_vs_peft']:.2f}x"
+                             + (f", {saving:.0%} less" if isinstance(saving, float) else ""))
             L.append(head + "; ".join(parts))
         c = self.cache
         comp = [self.results.get(s, {}).get("compile") for s in self.stages]

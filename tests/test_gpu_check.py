@@ -96,6 +96,20 @@ def test_dry_run_runs_every_stage(tmp_path):
             rows = list(csv.DictReader(f))
         assert {"linear", "addmm", "ours", "ours-fused", "ours-split"} <= {r["provider"] for r in rows}
         assert all(float(r["ratio"]) > 0 and r["numerics_ok"] == "True" for r in rows)
+        # fp32 lora_A / lora_B on the 16-bit base (PEFT parity): AB and B rows, with the ratio to ours' own row
+        f32 = [r for r in rows if r["provider"] == "ours-fp32-adapters"]
+        assert {r["mode"] for r in f32} == {"fwdbwd-AB", "fwdbwd-B"}, f32
+        assert all(float(r["ratio_vs_ours"]) > 0 and r["adapter_dtype"] == "float32" and r["grad_dtypes_ok"] == "True"
+                   for r in f32), f32
+        assert any("fp32A(/ours)" in line for line in block), block
+    if stages["e2e"]["status"] == "ok":
+        with open(tmp_path / "e2e.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        patched = [r for r in rows if r["provider"] == "peft+patch"]
+        assert {r["mode"] for r in patched} == {"AB", "B"}, rows
+        assert all(float(r["ms"]) > 0 and int(r["patched_layers"]) > 0 and not r["error"] for r in patched), patched
+        assert {"peft", "lora_kernels"} <= {r["provider"] for r in rows}
+        assert any("peft+patch" in line for line in block if line.startswith("e2e")), block
 
 
 def test_tiny_budget_cuts_stages_without_crashing(tmp_path):
