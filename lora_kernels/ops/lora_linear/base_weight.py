@@ -10,7 +10,8 @@ Contract
   products (for a quantized W, its compute dtype, not its storage dtype); ``device``.
 * ``linear(x2d, bias)`` → x Wᵀ + b, [N, out] in ``dtype`` (bias may be None).  A fresh tensor the caller may
   modify in place: the split arrangement adds the LoRA term into it.
-* ``grad_input(g2d)`` → g W, [N, in] in ``dtype``, fresh as above.
+* ``grad_input(g2d)`` → g W, [N, in] in ``dtype``, fresh as above; ``add_grad_input_(out, g2d)`` → out += g W in
+  place (default: adds ``grad_input``; a dense W accumulates with ``addmm_``).
 * ``fused_operand()`` → the [out, in] strided tensor that the fused Triton GEMM's main loop reads (a dense W), or
   None when the type has no fused main loop yet: then the split arrangement is used (the base product from
   ``linear`` / ``grad_input``, the LoRA term added in place by our kernel).  A quantized type that gets its own
@@ -41,6 +42,10 @@ class BaseWeight:
 
     def grad_input(self, g2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_grad_input_(self, out: torch.Tensor, g2d: torch.Tensor) -> torch.Tensor:
+        """out += g W in place, returning out (g's dtype).  A type with an accumulating product overrides this."""
+        return out.add_(self.grad_input(g2d))
 
     def fused_operand(self) -> Optional[torch.Tensor]:
         return None
@@ -78,6 +83,9 @@ class DenseWeight(BaseWeight):
 
     def grad_input(self, g2d):
         return g2d @ self.weight
+
+    def add_grad_input_(self, out, g2d):
+        return out.addmm_(g2d, self.weight)  # the GEMM accumulates into out: no second N×in buffer
 
     def fused_operand(self):
         return self.weight

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from lora_kernels.ops.lora_linear.base_weight import BaseWeight, DenseWeight
+from lora_kernels.ops.lora_linear.base_weight import BaseWeight
 
 
 def _uniforms(seed: int, n: int, k: int, device) -> torch.Tensor:
@@ -90,10 +90,7 @@ def _dgrad(g2d: torch.Tensor, base: BaseWeight, gb: torch.Tensor, l: torch.Tenso
         return lora.add_(base.grad_input(g2d)).to(g2d.dtype)
     if keep is None:
         return base.grad_input(g2d).addmm_(gb, l)  # rank-r update in place: no N×in temporary
-    lora = torch.mm(gb, l).mul_(keep)
-    if isinstance(base, DenseWeight):
-        return lora.addmm_(g2d, base.weight)  # the base GEMM accumulates into the masked LoRA term
-    return base.grad_input(g2d).add_(lora)
+    return base.add_grad_input_(torch.mm(gb, l).mul_(keep), g2d)  # g W accumulates into the masked LoRA term
 
 
 def gemm(a2d: torch.Tensor, base: BaseWeight, w_nk: bool, bias: Optional[torch.Tensor], t: torch.Tensor,
