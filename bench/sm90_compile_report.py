@@ -215,11 +215,42 @@ def autotune_variants(dtype: str = "bf16", fp32_lora: bool = False) -> List[Vari
     return out
 
 
+def nf4_variants(dtypes=("bf16", "fp16", "fp32")) -> List[Variant]:
+    """The NF4 base-weight kernels (``nf4_kernels.py``) at their pinned tiles (``nf4_launch``): the dequantization
+    into a scratch buffer (bf16 stored through its int16 bits) and the fused GEMM with W decoded in the main loop,
+    forward / dgrad / masked dgrad, with adapters in the compute dtype and, on 16-bit, fp32 adapters (the default)."""
+    import torch
+
+    from lora_kernels.ops.lora_linear import launch, nf4_kernels, nf4_launch
+
+    codes = (("q_ptr", "u8"), ("scale_ptr", "fp32"), ("code_ptr", "fp32"))
+    out = []
+    for dt in dtypes:
+        tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+        out.append(Variant("nf4 dequant", nf4_kernels._nf4_dequant_kernel, dt,
+                           dict(ROUND_BF16=dt == "bf16", BLOCK=nf4_launch._DEQUANT_BLOCK), 4, 1,
+                           ptr_dtypes=codes + (("out_ptr", "i16" if dt == "bf16" else dt),)))
+        g = nf4_launch._PINNED_GPU_FP32 if dt == "fp32" else nf4_launch._PINNED_GPU
+        tiles = {k: g[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        loras = [("", (), dict(LORA_UPCAST=False, LORA_PRECISION="ieee"))]
+        if dt != "fp32":
+            loras.append((" fp32-lora", (("t_ptr", "fp32"), ("l_ptr", "fp32")),
+                          launch._lora_loop_flags(tdt, torch.float32)))
+        for tag, lora_ptrs, lora in loras:
+            for name, bias, drop in (("nf4 gemm fwd", True, False), ("nf4 gemm dgrad", False, False),
+                                     ("nf4 gemm dgrad dropout", False, True)):
+                out.append(Variant(name + tag, nf4_kernels._lora_nf4_gemm_kernel, dt,
+                                   dict(HAS_BIAS=bias, HAS_LORA=True, EPI_DROPOUT=drop, UPCAST=False,
+                                        INPUT_PRECISION="ieee", ROUND_BF16=False, BLOCK_R=16, **lora, **tiles),
+                                   g["num_warps"], g["num_stages"], ptr_dtypes=codes + lora_ptrs))
+    return out
+
+
 def checked_variants() -> List[Variant]:
     """The set the test suite checks: every launcher variant in bf16 and fp32 (fp32 adapters on bf16 included),
-    every bf16 autotune candidate (with fp32 adapters too) and every fp32 one."""
+    every bf16 autotune candidate (with fp32 adapters too) and every fp32 one, and the NF4 kernels."""
     return (launcher_variants(("bf16", "fp32")) + fp32_adapter_variants(("bf16",)) + autotune_variants("bf16")
-            + autotune_variants("fp32") + autotune_variants("bf16", fp32_lora=True))
+            + autotune_variants("fp32") + autotune_variants("bf16", fp32_lora=True) + nf4_variants(("bf16", "fp32")))
 
 
 def main(argv=None) -> None:
@@ -243,7 +274,9 @@ def main(argv=None) -> None:
     sections = [(52, None, launcher_variants() + autotune_variants()),
                 (62, "fp32 lora_A / lora_B on a 16-bit base (docs/design.md decision 14): fp32 products with a 16-bit "
                      "operand (dtype fp32, the operand named), and 16-bit GEMMs with an fp32 LoRA K-loop in tf32",
-                 fp32_adapter_variants() + autotune_variants(fp32_lora=True))]
+                 fp32_adapter_variants() + autotune_variants(fp32_lora=True)),
+                (40, "4-bit NF4 base (nf4_kernels.py): dequantization and the fused GEMM decoding W in its main loop",
+                 nf4_variants())]
     for width, title, variants in sections:
         if title:
             print(f"\n# {title}")

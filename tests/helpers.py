@@ -84,13 +84,15 @@ def grads_of(y, g, tensors):
     return [next(it) if t.requires_grad else None for t in tensors]
 
 
-def run_and_compare(x, w, b, a, bb, scale, p, seed=1234):
+def run_and_compare(x, w, b, a, bb, scale, p, seed=1234, *, w_dense=None):
     """Forward + backward through lora_linear, checked against float64 and against torch in the same dtype.
 
     Bound: relative error of ours vs float64 ≤ 2 × that of the same computation done by torch in the same dtype
-    + ``error_floor`` (which only matters where torch is exact by luck, which depends on the CPU's BLAS)."""
+    + ``error_floor`` (which only matters where torch is exact by luck, which depends on the CPU's BLAS).
+    ``w_dense``: the dense W the references use when ``w`` is not a tensor (a quantized W: its dequantization)."""
     dtype = x.dtype
     y = lora_linear(x, w, b, a, bb, scale, p, seed=seed)
+    w = w if w_dense is None else w_dense
     assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == dtype
     g = torch.randn_like(y)
     got = [y] + grads_of(y, g, [x, a, bb])
@@ -292,3 +294,39 @@ def check_saved_for_backward(x, w, b, a, bb, p, mode):
     if mode == "B":
         assert all(t.numel() < n * d_in for t in acts), "B-only keeps nothing N×in"
     return y, acts
+
+
+def tiny_llama(seed=0, dtype=torch.float32, intermediate=96):
+    """A 2-layer LLaMA; intermediate 96 puts the NF4 blocks of down_proj (in = 96) across rows."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bitsandbytes 4-bit layers on the CPU (tests that use it importorskip bitsandbytes first)
+# ------------------------------------------------------------------------------------------------------------
+
+def bnb_linear4bit(weight, bias=None, *, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=None,
+                   quant_storage=torch.uint8):
+    """A quantized bitsandbytes ``Linear4bit`` holding ``weight`` (and ``bias``), on the CPU.
+
+    bitsandbytes quantizes a ``Params4bit`` the first time it is moved to a device, CPU included: ``.to("cpu")``
+    (or ``.cpu()``) on the layer does it (0.50; a layer that was never moved is not quantized).  ``Linear4bit``'s
+    constructor takes no block size and builds an fp32 weight, so the ``Params4bit`` is made here from ``weight``
+    itself (its dtype becomes ``quant_state.dtype``).  The layer stays in training mode: in eval mode, with an input
+    that needs no grad, bitsandbytes repacks the weight in place for its AVX512-BF16 CPU kernel."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = weight.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage)
+    layer.weight = bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, blocksize=blocksize,
+                                     compress_statistics=double_quant, quant_type=quant_type,
+                                     quant_storage=quant_storage, module=layer)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer.to("cpu")

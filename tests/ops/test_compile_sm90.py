@@ -45,5 +45,5 @@ def test_compiles_for_sm90(reports, name, dtype):
     r = reports[(name, dtype)]
     assert not r["error"], r["error"]
     assert r["stack"] <= 64, f"{name}: {r['stack']} B of stack (spills), {r['regs']} registers"
-    if dtype != "fp32":
+    if dtype != "fp32" and "dequant" not in name:  # the NF4 dequantization has no matrix product
         assert r["hgmma"] > 0, f"{name}: no wgmma in SASS"

@@ -9,6 +9,9 @@
 | ``torch_path.py``| the pure-PyTorch backend, same entry points as ``launch``                               |
 | ``dispatch.py``  | which backend serves a call                                                            |
 | ``base_weight.py`` | the frozen-W seam (``BaseWeight``, ``DenseWeight``)                                  |
+| ``nf4_weight.py``  | ``NF4Weight``: a 4-bit NF4 W (QLoRA) through the same seam                           |
+| ``nf4_kernels.py`` | Triton: NF4 dequantization, and the fused GEMM decoding W in its main loop            |
+| ``nf4_launch.py``  | their launchers (the kernel backend's fused arrangement calls ``nf4_launch.gemm``)    |
 | ``function.py``  | argument checks, ``torch.library`` custom ops, ``LoRALinearFunction``, ``lora_linear``  |
 | ``reference.py`` | ``lora_linear_ref`` and ``dropout_mask``                                               |
 """

@@ -14,8 +14,9 @@ Contract
   place (default: adds ``grad_input``; a dense W accumulates with ``addmm_``).
 * ``fused_operand()`` → the [out, in] strided tensor that the fused Triton GEMM's main loop reads (a dense W), or
   None when the type has no fused main loop yet: then the split arrangement is used (the base product from
-  ``linear`` / ``grad_input``, the LoRA term added in place by our kernel).  A quantized type that gets its own
-  fused main loop adds a kernel variant and returns its operands here.
+  ``linear`` / ``grad_input``, the LoRA term added in place by our kernel).  A quantized type with its own fused
+  main loop returns its operands here (NF4: the ``NF4Tensor``, served by ``nf4_launch.gemm``).
+* ``with_dtype(dtype)`` → the same W computing in ``dtype`` (autocast).
 * ``dense()`` → W as a dense [out, in] tensor (dequantized if need be), for merges, references and ∂L/∂W.  It may
   allocate: never called on the training hot path.
 Nothing else is assumed: no ``requires_grad`` on W (a 4-bit W cannot have one), no particular storage dtype.
@@ -49,6 +50,9 @@ class BaseWeight:
 
     def fused_operand(self) -> Optional[torch.Tensor]:
         return None
+
+    def with_dtype(self, dtype: torch.dtype) -> "BaseWeight":
+        raise NotImplementedError
 
     def dense(self) -> torch.Tensor:
         raise NotImplementedError
@@ -90,14 +94,24 @@ class DenseWeight(BaseWeight):
     def fused_operand(self):
         return self.weight
 
+    def with_dtype(self, dtype):
+        return self if dtype == self.weight.dtype else DenseWeight(self.weight.to(dtype))
+
     def dense(self):
         return self.weight
 
 
 def as_base_weight(weight) -> BaseWeight:
-    """A ``BaseWeight`` for ``weight``: itself if it already is one, ``DenseWeight`` for a tensor."""
+    """A ``BaseWeight`` for ``weight``: itself if it already is one, ``DenseWeight`` for a tensor, ``NF4Weight`` for
+    an ``NF4Tensor`` (4-bit codes, ``lora_kernels.quant``)."""
     if isinstance(weight, BaseWeight):
         return weight
     if isinstance(weight, torch.Tensor):
         return DenseWeight(weight)
-    raise TypeError(f"weight must be a torch.Tensor or a BaseWeight, got {type(weight).__name__}")
+    from lora_kernels.quant.nf4 import NF4Tensor
+
+    if isinstance(weight, NF4Tensor):
+        from lora_kernels.ops.lora_linear.nf4_weight import NF4Weight
+
+        return NF4Weight(weight)
+    raise TypeError(f"weight must be a torch.Tensor, an NF4Tensor or a BaseWeight, got {type(weight).__name__}")

@@ -86,15 +86,28 @@ def _(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need
             lora_B.new_empty(lora_B.shape if need_dB else (0,)))
 
 
+def _out_features(weight) -> int:
+    return weight.shape[0] if isinstance(weight, torch.Tensor) else weight.out_features
+
+
+def _refuse_compiled_quantized(weight) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise NotImplementedError(
+            "lora_linear: torch.compile of a layer with a quantized (4-bit) base weight is not supported yet; run "
+            "that layer eagerly (torch.compiler.disable) or compile a dense-base model")
+
+
 def _fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed_t):
     # Eager calls skip the dispatcher (tens of µs per op); torch.compile traces the custom op and its fake.
     if torch.compiler.is_compiling():
+        _refuse_compiled_quantized(weight)
         return torch.ops.lora_kernels.lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed_t)
     return lora_fwd(x2d, as_base_weight(weight), bias, lora_A, lora_B, scale, dropout_p, int(seed_t))
 
 
 def _bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed_t, **need):
     if torch.compiler.is_compiling():
+        _refuse_compiled_quantized(weight)
         outs = torch.ops.lora_kernels.lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed_t,
                                                need["need_dx"], need["need_dA"], need["need_dB"])
         return tuple(o if need[k] else None for o, k in zip(outs, ("need_dx", "need_dA", "need_dB")))
@@ -150,19 +163,23 @@ class LoRALinearFunction(torch.autograd.Function):
         n_in = x.shape[-1]
         y2d, t = _fwd(x.reshape(-1, n_in), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x if (need_da or need_dw) else None, t if need_dbb else None, weight, lora_A, lora_B,
-                              seed)
+        dense = isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(x if (need_da or need_dw) else None, t if need_dbb else None,
+                              weight if dense else None, lora_A, lora_B, seed)
+        # A quantized W (a BaseWeight holding the module's frozen codes) is kept by reference, as a parameter is.
+        ctx.base = None if dense else weight
         ctx.scale, ctx.dropout_p, ctx.x_shape = scale, dropout_p, x.shape
-        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+        return y2d.reshape(*x.shape[:-1], _out_features(weight))
 
     @staticmethod
     def backward(ctx, grad_y):
         x, t, weight, lora_A, lora_B, seed = ctx.saved_tensors
+        weight = weight if ctx.base is None else ctx.base
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # create_graph=True (double backward): a differentiable composition instead of the backends.
             return _backward_with_graph(ctx, grad_y, x, t, weight, lora_A, lora_B, seed)
-        g2d = grad_y.reshape(-1, weight.shape[0])
+        g2d = grad_y.reshape(-1, _out_features(weight))
         x2d = x.reshape(-1, ctx.x_shape[-1]) if x is not None else None
         dx, d_a, d_b = _bwd(g2d, x2d, t, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, seed,
                             need_dx=need_dx, need_dA=need_da, need_dB=need_dbb)
@@ -185,7 +202,7 @@ def _backward_with_graph(ctx, grad_y, x, t, weight, lora_A, lora_B, seed):
     keeps x (its point is the N×r-only footprint), so that raises instead of returning a wrong second derivative."""
     need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
     n_in = ctx.x_shape[-1]
-    g2d = grad_y.reshape(-1, weight.shape[0])
+    g2d = grad_y.reshape(-1, _out_features(weight))
     if x is None and need_dx and need_dbb:
         raise RuntimeError(
             "lora_linear: double backward (create_graph=True) with lora_A frozen (B-only) and an input that "
@@ -209,7 +226,8 @@ def _backward_with_graph(ctx, grad_y, x, t, weight, lora_A, lora_B, seed):
         gb = (gl @ lora_B) * c  # gB' = s/(1-p) · g B
         if need_dx:
             lora = gb @ lora_A
-            dx = ((g2d @ weight).to(ld) + (lora if keep is None else lora * keep)).to(grad_y.dtype)
+            w = weight if isinstance(weight, torch.Tensor) else weight.dense()
+            dx = ((g2d @ w).to(ld) + (lora if keep is None else lora * keep)).to(grad_y.dtype)
             dx = dx.reshape(ctx.x_shape)
         if need_da:
             d_a = gb.t() @ xm
@@ -228,7 +246,11 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, *, autocast=False):
-    for name, ten in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+    """Every argument's type, shape, dtype and device, each error naming the argument.  ``weight``: a tensor or a
+    ``BaseWeight`` (a quantized W: its logical shape, compute dtype and device are checked)."""
+    dense = isinstance(weight, torch.Tensor)
+    named_tensors = (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))
+    for name, ten in named_tensors if dense else named_tensors[:1] + named_tensors[2:]:
         if not isinstance(ten, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(ten).__name__}")
         if ten.dtype not in _FLOAT_DTYPES:
@@ -237,9 +259,9 @@ def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, *, autocast=F
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
-    if weight.dim() != 2:
+    if dense and weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
+    out_f, in_f = weight.shape if dense else (weight.out_features, weight.in_features)
     if x.shape[-1] != in_f:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {in_f}")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
@@ -255,6 +277,8 @@ def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, *, autocast=F
     for name, ten in named:
         if ten.device != x.device:
             raise ValueError(f"{name} is on {ten.device} but x is on {x.device}")
+    if not dense and weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight's compute dtype must be float32, float16, bfloat16 or float64, got {weight.dtype}")
     if autocast:
         return _check_scalars(scale, dropout_p)  # every operand runs in the autocast dtype: theirs do not matter
     for name, ten in named:
@@ -297,6 +321,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
     """
     autocast = (isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu")
                 and torch.is_autocast_enabled(x.device.type))
+    if not isinstance(weight, torch.Tensor):
+        weight = as_base_weight(weight)  # a quantized W (NF4Tensor) or a BaseWeight; a TypeError names weight
     _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, autocast=autocast)
     scale, dropout_p = float(scale), float(dropout_p)
     if autocast:
@@ -304,14 +330,15 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
         # nn.Linear would, and as PEFT's layers do (fp32 adapters included: their F.linear autocasts too); the
         # casts are differentiable, so fp32 parameters receive fp32 gradients.
         dt = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B = (v.to(dt) for v in (x, weight, lora_A, lora_B))
+        x, lora_A, lora_B = (v.to(dt) for v in (x, lora_A, lora_B))
+        weight = weight.to(dt) if isinstance(weight, torch.Tensor) else weight.with_dtype(dt)
         bias = bias.to(dt) if bias is not None else None
     seed = _seed_tensor(seed if (seed is not None or dropout_p > 0.0) else 0)
     needs_grad = torch.is_grad_enabled() and any(
-        ten is not None and ten.requires_grad for ten in (x, weight, bias, lora_A, lora_B))
+        isinstance(ten, torch.Tensor) and ten.requires_grad for ten in (x, weight, bias, lora_A, lora_B))
     if needs_grad:
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     # Inference: no autograd node, no saved state.
     n_in = x.shape[-1]
     y2d, _ = _fwd(x.reshape(-1, n_in), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+    return y2d.reshape(*x.shape[:-1], _out_features(weight))

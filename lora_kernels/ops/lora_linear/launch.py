@@ -185,7 +185,12 @@ def _base_product(a2d, base: BaseWeight, w_nk: bool, bias):
 def _gemm_fused(a2d, base, w_nk, bias, t, l, seed, p, epi_dropout):
     n = base.out_features if w_nk else base.in_features
     c = _empty((a2d.shape[0], n), a2d.device, a2d.dtype)
-    return _gemm_launch(a2d, base.fused_operand(), w_nk, bias, t, l, c, seed, p, epi_dropout, False)
+    w = base.fused_operand()
+    if not isinstance(w, torch.Tensor):  # a quantized W with its own main loop (today: NF4 codes)
+        from lora_kernels.ops.lora_linear import nf4_launch
+
+        return nf4_launch.gemm(a2d, w, w_nk, bias, t, l, c, seed, p, epi_dropout)
+    return _gemm_launch(a2d, w, w_nk, bias, t, l, c, seed, p, epi_dropout, False)
 
 
 def _gemm_split(a2d, base, w_nk, bias, t, l, seed, p, epi_dropout):
@@ -208,16 +213,20 @@ def gemm(a2d: torch.Tensor, base: BaseWeight, w_nk: bool, bias: Optional[torch.T
         return _empty((m, n), a2d.device, a2d.dtype)
     call = (a2d, base, w_nk, bias, t, l, seed, p, epi_dropout)
     w = base.fused_operand()
+    dense = isinstance(w, torch.Tensor)
     setting = settings.get().gemm if w is not None else "split"
     if setting == "auto":
         if interpreter_enabled() or not a2d.is_cuda:
             setting = "fused"
         else:
-            # The LoRA operands' dtype goes last: readers of gemm_arrangement_report() zip the leading fields.
+            # The LoRA operands' dtype and the weight's kind go last: readers of gemm_arrangement_report() zip the
+            # leading fields.
             key = ("fwd" if w_nk else "dgrad", a2d.device.index, str(a2d.dtype).replace("torch.", ""),
                    min(triton.next_power_of_2(m), 16384), n, a2d.shape[1], t.shape[1], bias is not None,
-                   epi_dropout and p > 0.0, (n * a2d.element_size()) % 16 == 0 and _use_tma(a2d, w, a2d),
-                   _input_precision(a2d.dtype), autotune_enabled(), str(t.dtype).replace("torch.", ""))
+                   epi_dropout and p > 0.0,
+                   dense and (n * a2d.element_size()) % 16 == 0 and _use_tma(a2d, w, a2d),
+                   _input_precision(a2d.dtype), autotune_enabled(), str(t.dtype).replace("torch.", ""),
+                   "dense" if dense else type(w).__name__)
             setting = arrangement.choose(key, {"fused": lambda: _gemm_fused(*call),
                                                "split": lambda: _gemm_split(*call)})
     return _gemm_fused(*call) if setting == "fused" else _gemm_split(*call)
