@@ -6,6 +6,9 @@ Configuration
                           also holds the shared rules: MODES, INITS, scaling, trainable_factors, math_dtype)
 Layer
     FusedLoRALinear       nn.Linear replacement with a LoRA adapter on the fused kernels (modes AB, B, A; merge)
+    FusedLoRALinear4bit   the same on a frozen 4-bit NF4 base (QLoRA: bitsandbytes Linear4bit or NF4Linear)
+4-bit bases (``lora_kernels.quant``)
+    NF4Tensor, quantize_nf4, NF4Linear, quantize_model   bitsandbytes' NF4 layout, without bitsandbytes
 Functional ops
     lora_linear           y = x Wᵀ + b + s·(dropout(x) Aᵀ) Bᵀ, differentiable, fused forward and backward
     lora_linear_ref       the same in plain PyTorch (reference)
@@ -32,18 +35,19 @@ Environment
     (``lora_kernels.settings``: the run-time switches read from the environment.)
 """
 
-from lora_kernels import _extension, config, init, model, modules, ops, optim
+from lora_kernels import _extension, config, init, model, modules, ops, optim, quant
 from lora_kernels._backend import logger
 from lora_kernels.config import LoRAConfig
 from lora_kernels.init import InitReport, LayerReport, collect_gradients, lora_ga_init, lora_one_init, pissa_init
 from lora_kernels.model import (TrainableSummary, inject_lora, load_adapter, lora_layers, merge_lora,
                                 named_lora_layers, save_adapter, trainable_parameters, unload_lora, unmerge_lora)
 from lora_kernels.model.peft_patch import is_peft_patched, patch_peft, unpatch_peft
-from lora_kernels.modules import FusedLoRALinear
+from lora_kernels.modules import FusedLoRALinear, FusedLoRALinear4bit
 from lora_kernels.ops import (LoRALinearFunction, dropout_mask, gemm_arrangement, gemm_arrangement_report, lora_linear,
                               lora_linear_ref)
 from lora_kernels.ops.rsvd import rsvd, rsvd_ref
 from lora_kernels.optim import PreconditionedAdamW, PreconditionedSGD, lora_pairs
+from lora_kernels.quant import NF4Linear, NF4Tensor, quantize_model, quantize_nf4
 
 
 def has_extension(device: str = "cpu") -> bool:
@@ -56,9 +60,10 @@ def has_extension(device: str = "cpu") -> bool:
 
 __version__ = "0.1.0"
 # LoRALinearFunction stays importable but out of __all__: pydoc would dump torch.autograd.Function's docs with it.
-__all__ = ["FusedLoRALinear", "InitReport", "LayerReport", "LoRAConfig", "PreconditionedAdamW", "PreconditionedSGD",
+__all__ = ["FusedLoRALinear", "FusedLoRALinear4bit", "InitReport", "LayerReport", "LoRAConfig", "PreconditionedAdamW", "PreconditionedSGD",
            "TrainableSummary", "collect_gradients", "dropout_mask", "gemm_arrangement", "gemm_arrangement_report",
            "has_extension", "inject_lora", "is_peft_patched", "load_adapter", "logger", "lora_ga_init", "lora_layers", "lora_linear",
-           "lora_linear_ref", "lora_one_init", "lora_pairs", "merge_lora", "named_lora_layers", "patch_peft", "pissa_init",
+           "lora_linear_ref", "lora_one_init", "lora_pairs", "merge_lora", "named_lora_layers", "NF4Linear", "NF4Tensor",
+           "patch_peft", "pissa_init", "quantize_model", "quantize_nf4",
            "rsvd", "rsvd_ref", "save_adapter", "trainable_parameters", "unload_lora", "unmerge_lora", "unpatch_peft",
            "__version__"]

@@ -8,8 +8,9 @@ Matching follows PEFT so that configs carry over:
   * modules inside ``modules_to_save`` are never targeted (PEFT excludes them too); the rule for which modules are
     saved is ``lora_kernels.config.is_saved_module``;
   * only exact ``nn.Linear`` and ``Conv1D`` modules are replaced (``weight_layout``; a Conv1D becomes a layer with
-    ``fan_in_fan_out``, set from the type as PEFT does): a subclass (a quantised linear, a custom forward) would lose
-    its own forward, so it is skipped with a warning;
+    ``fan_in_fan_out``, set from the type as PEFT does), and 4-bit linears (bitsandbytes ``Linear4bit``, our
+    ``NF4Linear``: ``FusedLoRALinear4bit``, QLoRA); any other subclass (a custom forward) would lose its own forward,
+    so it is skipped with a warning;
   * a module that already holds an adapter is refused ("already injected"), never adapted twice;
   * ``rank_pattern`` / ``alpha_pattern``: {pattern: value}; a module takes the value of the first pattern p with
     ``re.fullmatch(rf"(.*\\.)?(?:{p})", name)`` (``LoRAConfig.for_module``).
@@ -38,7 +39,7 @@ import torch.nn as nn
 
 from lora_kernels.config import LoRAConfig, is_saved_module, non_default_fields, within_saved_module
 from lora_kernels.modules import FusedLoRALinear
-from lora_kernels.modules.lora_linear import is_linear_like, weight_layout
+from lora_kernels.modules.lora_linear import is_linear_like, is_quantized_linear, weight_layout
 
 Targets = Union[str, Sequence[str]]
 CONFIG_ATTR = "_lora_kernels_config"  # the model's LoRAConfig, set by inject_lora (targets: the replaced names)
@@ -179,16 +180,17 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
         raise ValueError(f"target_modules={targets!r}: {', '.join(again[:5])} already injected (a LoRA layer from an "
                          f"earlier inject_lora / load_adapter); exclude it (exclude_modules) or unload_lora first")
     notes = []
-    subclasses = [n for n, m in chosen if weight_layout(m) is None]
+    layouts = {n: False if is_quantized_linear(m) else weight_layout(m) for n, m in chosen}
+    subclasses = [n for n, m in chosen if layouts[n] is None]
     if subclasses:
         notes.append(f"inject_lora: skipping nn.Linear / Conv1D subclasses (their own forward would be lost): "
                      f"{', '.join(subclasses[:5])}")
-        chosen = [(n, m) for n, m in chosen if weight_layout(m) is not None]
+        chosen = [(n, m) for n, m in chosen if layouts[n] is not None]
     if not chosen:
         available = [n for n, m in candidates if not isinstance(m, FusedLoRALinear)]
         sample = ", ".join(available[:8]) or "(the model has no nn.Linear or Conv1D)"
         raise ValueError(f"target_modules={targets!r} matched no nn.Linear or Conv1D module; some available: {sample}")
-    layouts = {n: weight_layout(m) for n, m in chosen}
+    layouts = {n: layouts[n] for n, _ in chosen}
     if config.fan_in_fan_out and not any(layouts.values()):
         raise ValueError(f"fan_in_fan_out=True is for weights stored in×out (transformers Conv1D), but the targeted "
                          f"modules are nn.Linear (out×in): {', '.join(list(layouts)[:5])}")

@@ -33,15 +33,21 @@ Decided at each call (PEFT's forward runs instead; that is exact, since it *is* 
     the autocast dtype, as PEFT's layers do there;
   * devices differ, an empty input, a non-float dtype, or a tensor subclass.
 
-Never patched (reported): LoRA layers that are not ``lora.Linear`` (Embedding, Conv, MultiheadAttention, bitsandbytes
-/ other quantized classes, ParamWrapper...), lora.Linear whose base is not nn.Linear/Conv1D or whose every adapter is
-a variant (DoRA...) or has lora_bias, and instances whose forward was already overridden (e.g. an accelerate hook).
+QLoRA: PEFT's bitsandbytes 4-bit ``lora.Linear4bit`` with an NF4 ``Linear4bit`` base is served too (``_nf4_operands``):
+the op reads the layer's codes in place (``NF4Tensor``) and decodes W inside its GEMM.  PEFT's 4-bit forward differs
+from ``lora.Linear``'s in one place: it rounds the LoRA term to the result's dtype before adding it.
+
+Never patched (reported): LoRA layers that are not ``lora.Linear`` / ``lora.Linear4bit`` (Embedding, Conv,
+MultiheadAttention, 8-bit and other quantized classes, ParamWrapper...), layers whose base is none of nn.Linear,
+Conv1D or an NF4 Linear4bit (FP4 codes included), or whose every adapter is a variant (DoRA...) or has lora_bias,
+and instances whose forward was already overridden (e.g. an accelerate hook).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import sys
 import types
 from typing import Dict, List, Optional, Tuple
 
@@ -50,6 +56,7 @@ import torch.nn as nn
 
 from lora_kernels._backend import logger
 from lora_kernels.ops.lora_linear import function as _function
+from lora_kernels.quant.bnb import is_bnb_linear4bit, nf4_from_bnb
 
 __all__ = ["patch_peft", "unpatch_peft", "is_peft_patched"]
 
@@ -74,6 +81,16 @@ def _peft_classes():
 
 
 @functools.lru_cache(maxsize=None)
+def _peft_bnb4_class():
+    """PEFT's bitsandbytes 4-bit LoRA layer class (QLoRA), or None when PEFT has none (bitsandbytes missing)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
+@functools.lru_cache(maxsize=None)
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -83,14 +100,19 @@ def _conv1d_class():
 
 
 def _base_kind(base: nn.Module) -> Optional[str]:
-    """"linear" (y = x Wᵀ + b), "conv1d" (transformers Conv1D: y = x W + b, W in×out), or None (anything else,
-    including subclasses that override forward, e.g. quantized linears)."""
+    """"linear" (y = x Wᵀ + b), "conv1d" (transformers Conv1D: y = x W + b, W in×out), "nf4" (bitsandbytes
+    Linear4bit with NF4 codes, its own forward), or None (anything else, including subclasses that override
+    forward)."""
     fwd = type(base).forward
     if fwd is nn.Linear.forward:
         return "linear"
     conv1d = _conv1d_class()
     if conv1d is not None and fwd is conv1d.forward:
         return "conv1d"
+    if is_bnb_linear4bit(base):
+        bnb_forward = getattr(sys.modules["bitsandbytes"].nn.Linear4bit, "forward", None)
+        if fwd is bnb_forward and getattr(base.weight, "quant_type", None) == "nf4":
+            return "nf4"
     return None
 
 
@@ -171,6 +193,8 @@ def _fast_operands(self, x):
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return f"its scaling is a {type(scale).__name__}"
     w, bias, a, b = base.weight, base.bias, lora_A.weight, lora_B.weight
+    if kind == "nf4":
+        return _nf4_operands(self, x, base, a, b, float(scale), p)
     if not all(_is_plain(t) for t in (w, bias, a, b)) or not isinstance(x, torch.Tensor) or not _is_plain(x):
         return "an operand is not a plain float tensor"
     if x.dim() < 1 or x.numel() == 0:
@@ -189,7 +213,37 @@ def _fast_operands(self, x):
         why = _dtypes_unsupported(x, w, bias, a, b)
         if why is not None:
             return why
-    return x, w, bias, a, b, float(scale), p
+    return (x, w, bias, a, b, float(scale), p), None
+
+
+def _nf4_operands(self, x, base, a, b, scale, p):
+    """The fast path's operands for PEFT's bitsandbytes 4-bit layer: x cast to the base's compute dtype (as
+    ``Linear4bit.forward`` does), W the layer's own codes (``NF4Tensor``, no copy; cached on the layer while the codes
+    stay where they are: reading the offset costs one device sync), y cast back to x's dtype.  PEFT rounds the LoRA
+    term to the result's dtype before adding it; the op adds in fp32 and rounds once (≤ 1 ulp of that dtype apart).
+    Under autocast PEFT's forward runs (bitsandbytes keeps its compute dtype there, the LoRA branch autocasts)."""
+    if not all(_is_plain(t) for t in (base.bias, a, b)) or not isinstance(x, torch.Tensor) or not _is_plain(x):
+        return "an operand is not a plain float tensor"
+    if x.dim() < 1 or x.numel() == 0:
+        return "its input is empty"
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        return "autocast is on with a 4-bit base"
+    key = (base.weight.data_ptr(), base.weight.device)
+    cached = self.__dict__.get("_lora_kernels_nf4")
+    if cached is None or cached[0] != key:
+        cached = (key, nf4_from_bnb(base))
+        self.__dict__["_lora_kernels_nf4"] = cached
+    q = cached[1]
+    dev = x.device
+    if any(t.device != dev for t in (a, b) + ((base.bias,) if base.bias is not None else ())) or q.device != dev:
+        return "its operands are on different devices"
+    if a.dtype != b.dtype or not _adapter_dtype_ok(a.dtype, q.dtype):
+        return (f"dtypes differ (lora={str(a.dtype).replace('torch.', '')}, compute="
+                f"{str(q.dtype).replace('torch.', '')}); lora_linear takes lora_A, lora_B in the compute dtype or "
+                f"float32 on a 16-bit one")
+    bias = base.bias if base.bias is None or base.bias.dtype == q.dtype else base.bias.to(q.dtype)
+    xc = x if x.dtype == q.dtype else x.to(q.dtype)
+    return (xc, q, bias, a, b, scale, p), (x.dtype if x.dtype != q.dtype else None)
 
 
 def _adapter_dtype_ok(adapter: torch.dtype, base: torch.dtype) -> bool:
@@ -218,7 +272,9 @@ def _patched_forward(self, x, *args, **kwargs):
         if ops:
             _note_fallback(ops)
         return type(self).forward(self, x)
-    return _function.lora_linear(*ops)
+    ops, out_dtype = ops
+    y = _function.lora_linear(*ops)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def is_peft_patched(module: nn.Module) -> bool:
@@ -233,13 +289,16 @@ def is_peft_patched(module: nn.Module) -> bool:
 
 def _never_supported(layer, lora_linear_cls) -> Optional[str]:
     """Why ``layer`` (a PEFT LoRA layer) is left with PEFT's forward for good, or None if it can be patched."""
-    if not isinstance(layer, lora_linear_cls) or type(layer).forward is not lora_linear_cls.forward:
-        return f"{type(layer).__name__} layer (only lora.Linear is served)"
+    bnb4 = _peft_bnb4_class()
+    served = ((isinstance(layer, lora_linear_cls) and type(layer).forward is lora_linear_cls.forward)
+              or (bnb4 is not None and isinstance(layer, bnb4) and type(layer).forward is bnb4.forward))
+    if not served:
+        return f"{type(layer).__name__} layer (only lora.Linear and the bitsandbytes 4-bit lora.Linear4bit are served)"
     if "forward" in layer.__dict__:
         return "forward already overridden on the instance (e.g. an accelerate hook)"
     base = layer.base_layer
     if _base_kind(base) is None:
-        return f"base layer is a {type(base).__name__} (quantized or not a plain Linear/Conv1D)"
+        return f"base layer is a {type(base).__name__} (not a plain Linear/Conv1D or an NF4 bitsandbytes Linear4bit)"
     adapters = list(layer.lora_A.keys())
     if not adapters:
         return "no lora_A/lora_B adapter in this layer"
@@ -257,9 +316,11 @@ def _call_time_notes(layer) -> List[str]:
         if why is not None:
             notes.append(f"adapter {n!r}: {why}, PEFT's forward while it is active")
             continue
-        w = layer.base_layer.weight
+        base = layer.base_layer
+        w = base.weight
         a = layer.lora_A[n].weight
-        if not _adapter_dtype_ok(a.dtype, w.dtype):
+        base_dtype = nf4_from_bnb(base).dtype if _base_kind(base) == "nf4" else w.dtype  # the compute dtype
+        if not _adapter_dtype_ok(a.dtype, base_dtype):
             notes.append(f"adapter dtype {str(a.dtype).replace('torch.', '')} ≠ base "
                          f"{str(w.dtype).replace('torch.', '')}: PEFT's forward outside autocast")
     return notes
@@ -304,7 +365,8 @@ def patch_peft(model: nn.Module) -> nn.Module:
             skipped[why].append(name)
             continue
         layer.forward = types.MethodType(_patched_forward, layer)  # nn.Module.__setattr__: a plain instance attr
-        patched["Conv1D base" if _base_kind(layer.base_layer) == "conv1d" else "Linear base"].append(name)
+        kind = _base_kind(layer.base_layer)
+        patched[{"conv1d": "Conv1D base", "nf4": "4-bit NF4 base"}.get(kind, "Linear base")].append(name)
         for note in _call_time_notes(layer):
             notes[note].append(name)
     n_patched = sum(len(v) for v in patched.values())

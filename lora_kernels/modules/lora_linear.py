@@ -42,10 +42,20 @@ def conv1d_class():
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """Whether ``module`` is an nn.Linear or a transformers Conv1D, subclasses included (what "all-linear" means in
-    PEFT); only the exact classes can be wrapped (``weight_layout``)."""
+    """Whether ``module`` is an nn.Linear or a transformers Conv1D, subclasses included, or a 4-bit linear (what
+    "all-linear" means in PEFT); only the exact classes (``weight_layout``) and the 4-bit linears
+    (``is_quantized_linear``) can be wrapped."""
     conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+            or is_quantized_linear(module))
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a 4-bit linear that ``FusedLoRALinear4bit`` wraps (bitsandbytes Linear4bit, our
+    NF4Linear)."""
+    from lora_kernels.modules.lora_linear_4bit import is_quantized_linear as quantized
+
+    return quantized(module)
 
 
 def weight_layout(module: nn.Module) -> Optional[bool]:
@@ -224,7 +234,13 @@ class FusedLoRALinear(nn.Module):
                     mode: str = "AB", use_rslora: bool = False, init_A: Optional[str] = None, *,
                     autocast_adapter_dtype: bool = True, config: Optional[LoRAConfig] = None) -> "FusedLoRALinear":
         """Wrap an existing ``nn.Linear``, or a transformers ``Conv1D`` (``fan_in_fan_out``, set from the type): its
-        ``weight``/``bias`` Parameters are shared (not copied) and frozen."""
+        ``weight``/``bias`` Parameters are shared (not copied) and frozen.  A 4-bit linear (bitsandbytes
+        ``Linear4bit``, our ``NF4Linear``) gives a ``FusedLoRALinear4bit`` wrapping it."""
+        if is_quantized_linear(linear):
+            from lora_kernels.modules.lora_linear_4bit import FusedLoRALinear4bit
+
+            return FusedLoRALinear4bit.from_linear(linear, r, lora_alpha, lora_dropout, mode, use_rslora, init_A,
+                                                   autocast_adapter_dtype=autocast_adapter_dtype, config=config)
         layout = weight_layout(linear)
         if layout is None:
             raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D (not a subclass, whose own forward "
