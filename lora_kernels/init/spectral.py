@@ -15,6 +15,16 @@ B₀ = U[:, r:2r], both times out^{1/4}/√γ (γ = 16), and W₀ ← W₀ − s
 PiSSA (Meng et al. 2024): top-r SVD of W itself; A₀ = diag(√S) V_rᵀ/√s, B₀ = U_r diag(√S)/√s (so s·B₀A₀ = [W]_r),
 and W₀ ← W₀ − s·B₀A₀ (the residual).
 
+On a 4-bit base (``FusedLoRALinear4bit``, QLoRA) the frozen W is NF4 codes:
+  * LoRA-One works unchanged: the collection takes G from the layer's own backward (``collect``), and W₀ is not
+    modified.
+  * LoRA-GA and PiSSA both rewrite W₀ (W₀ − s·B₀A₀), which on 4-bit codes means re-quantizing it: that moves every
+    entry by up to half a quantization step, more than s·B₀A₀ itself, so the point of the offset (an unchanged
+    initial output; PiSSA's exact residual) would be lost, and it cannot be undone.  They refuse such a model with a
+    ValueError naming its 4-bit layers, before collecting anything or touching the model.  PEFT refuses PiSSA on a
+    4-bit base too and recommends what works here as well: run the init on the 16-bit model, then quantize the
+    resulting (residual) base.
+
 All three send layers of equal (out, in, rank) through one batched ``rsvd`` call.  Factors are computed and
 checked for every layer before anything in the model is written, so a failure leaves the model untouched.
 A rank above min(in, out) is clamped to it (with a warning) and the extra rows of A / columns of B are zero.
@@ -32,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from lora_kernels.config import math_dtype
-from lora_kernels.init.collect import (Collected, adapted_layers, collect_gradients, shared_seed, sketch_frobenius2,
-                                       sketch_svd)
+from lora_kernels.init.collect import (Collected, adapted_layers, collect_gradients, is_quantized, layer_device,
+                                       shared_seed, sketch_frobenius2, sketch_svd)
 from lora_kernels.modules import FusedLoRALinear
 from lora_kernels.ops.rsvd import rsvd
 
@@ -117,6 +127,19 @@ def _refuse_shared_weights(layers: Dict[str, FusedLoRALinear], init: str) -> Non
         seen[id(m.weight)] = n
 
 
+def _refuse_quantized(layers: Dict[str, FusedLoRALinear], init: str) -> None:
+    """``init`` rewrites W₀, which a 4-bit base cannot take without a lossy re-quantization (module docstring)."""
+    names = [n for n, m in layers.items() if is_quantized(m)]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+        which = f"layer {shown} has" if len(names) == 1 else f"layers {shown} have"
+        raise ValueError(f"{init} rewrites the frozen base weight (W0 - s·B0A0), but {which} a 4-bit "
+                         f"base: writing it would re-quantize W (each entry moves by up to half a quantization step, "
+                         f"more than the offset itself) and cannot be undone.  Run {init} on the model with a 16-bit "
+                         f"base and quantize the resulting base afterwards, or use lora_one_init, which leaves W "
+                         f"unchanged; the model was not changed")
+
+
 def _pad(factor_rows: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """Zero-pad along ``dim`` up to r (rank clamping)."""
     missing = r - factor_rows.shape[dim]
@@ -152,7 +175,7 @@ def _commit(layers: Dict[str, FusedLoRALinear], new_A: Dict[str, torch.Tensor], 
 def _gradient_factors(collected: Collected, layers: Dict[str, FusedLoRALinear], ranks: Dict[str, int], seed: int,
                       negate: bool, rsvd_kwargs: Optional[dict] = None):
     """Top-rank SVD of ∓G per layer: (factors, seconds per layer, energy per layer)."""
-    devices = {n: m.weight.device for n, m in layers.items()}
+    devices = {n: layer_device(m) for n, m in layers.items()}
     if collected.method == "exact":
         fac, secs = _grouped_svd(collected.grads, ranks, devices, seed, negate, rsvd_kwargs)
         energy = {n: float(fac[n][1].double().pow(2).sum() / collected.grads[n].double().pow(2).sum().clamp_min(1e-300))
@@ -216,7 +239,8 @@ def lora_one_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
                   generator: Optional[torch.Generator] = None, progress: bool = True,
                   accumulate_on: Optional[str] = None, oversample: Optional[int] = None,
                   niter: Optional[int] = 16, sketch_size: Optional[int] = None) -> InitReport:
-    """Initialise every FusedLoRALinear in ``model`` from the top-r SVD of the negated one-step full gradient.
+    """Initialise every FusedLoRALinear in ``model`` (4-bit bases included) from the top-r SVD of the negated
+    one-step full gradient.
 
     batches: an iterable of batches; ``num_batches`` caps how many are used.  loss_fn(model, batch) -> scalar loss
     (default: ``model(**batch).loss`` or ``model(batch)``).  method: ``"exact"`` (fp32 accumulator per layer,
@@ -242,8 +266,8 @@ def lora_one_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
         c = math.sqrt(step_size / m.scaling) if step_size is not None else 1.0 / math.sqrt(s1 * gamma)
         new_B[n] = _pad(U * root * c, m.r, 1)
         new_A[n] = _pad((V * root * c).mT, m.r, 0)
-        reports.append(LayerReport(n, tuple(m.out_in_weight.shape), g.ranks[n], g.seconds[n], g.energy[n], S.tolist(),
-                                   g.clamped[n]))
+        reports.append(LayerReport(n, (m.out_features, m.in_features), g.ranks[n], g.seconds[n], g.energy[n],
+                                   S.tolist(), g.clamped[n]))
     _commit(g.layers, new_A, new_B)
     return InitReport("LoRA-One", method, g.num_batches, g.seconds_collect, time.perf_counter() - g.t_svd_start,
                       reports)
@@ -253,8 +277,10 @@ def lora_ga_init(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable
                  num_batches: Optional[int] = None, method: str = "exact", generator: Optional[torch.Generator] = None,
                  progress: bool = True, accumulate_on: Optional[str] = None, oversample: Optional[int] = None,
                  niter: Optional[int] = None, sketch_size: Optional[int] = None) -> InitReport:
-    """LoRA-GA: A₀ = V[:, :r]ᵀ, B₀ = U[:, r:2r] of the SVD of +G, both × out^{1/4}/√γ; W₀ ← W₀ − s·B₀A₀."""
+    """LoRA-GA: A₀ = V[:, :r]ᵀ, B₀ = U[:, r:2r] of the SVD of +G, both × out^{1/4}/√γ; W₀ ← W₀ − s·B₀A₀.
+    A model with a 4-bit layer is refused (ValueError; module docstring)."""
     _check_gamma(gamma)
+    _refuse_quantized(dict(adapted_layers(model)), "LoRA-GA")
     _refuse_shared_weights(dict(adapted_layers(model)), "LoRA-GA")
     g = _gradient_svd(model, batches, loss_fn, svd_rank=lambda m, r: min(2 * r, m.in_features, m.out_features),
                       sketch_k=2, negate=False, num_batches=num_batches, method=method, generator=generator,
@@ -282,8 +308,10 @@ def pissa_init(model: nn.Module, *, generator: Optional[torch.Generator] = None,
                niter: Optional[int] = None) -> InitReport:
     """PiSSA: adapters from the top-r SVD of each frozen weight, which keeps only the residual W − [W]_r.
 
-    oversample / niter: passed to ``rsvd`` (random linear weights have flat spectra: raise them for accuracy)."""
+    oversample / niter: passed to ``rsvd`` (random linear weights have flat spectra: raise them for accuracy).
+    A model with a 4-bit layer is refused (ValueError; module docstring)."""
     layers = dict(adapted_layers(model))
+    _refuse_quantized(layers, "PiSSA")
     _refuse_shared_weights(layers, "PiSSA")
     ranks, clamped = {}, {}
     for n, m in layers.items():
