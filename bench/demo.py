@@ -7,10 +7,12 @@
    loss printed is on one held-out eval set: the base model's, right after the init (step 0), during training.
 3. ``save_adapter`` writes the adapter in PEFT's format; ``load_adapter`` reads it into a fresh copy of the base;
    the logits must match exactly (and so must PEFT's own ``PeftModel.from_pretrained`` when peft is installed).
-4. With a CUDA GPU: ``bench/bench_lora_linear.py`` (full sweep, or ``--quick``), then ``bench/bench_rsvd.py`` and
+4. QLoRA (skip with ``--no-qlora``): the same base quantized to 4-bit NF4 (``quantize_model``, bitsandbytes'
+   layout, double quantization), LoRA-One init and B-only training on it, the same eval set and reload check.
+5. With a CUDA GPU: ``bench/bench_lora_linear.py`` (full sweep, or ``--quick``), then ``bench/bench_rsvd.py`` and
    ``bench/bench_e2e.py`` (skipped with ``--quick``).
 
-    python bench/demo.py [--quick] [--steps N] [--no-bench]
+    python bench/demo.py [--quick] [--steps N] [--no-bench] [--no-qlora]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lora_kernels import inject_lora, load_adapter, lora_one_init, save_adapter, trainable_parameters
+from lora_kernels import inject_lora, load_adapter, lora_one_init, quantize_model, save_adapter, trainable_parameters
 from lora_kernels.optim import PreconditionedAdamW
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,9 +68,11 @@ def eval_loss(model, eval_ids):
         return model(input_ids=eval_ids, labels=eval_ids).loss.item()
 
 
-def finetune(base, mode, steps, device, batches_for_init, eval_ids, base_eval):
+def finetune(base, mode, steps, device, batches_for_init, eval_ids, base_eval, tag=None):
+    tag = tag or mode
     model = inject_lora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16, lora_dropout=0.05, mode=mode,
                         use_rslora=True, init_A="orthogonal")
+    mode = tag
     print(f"[{mode}] {trainable_parameters(model)}")
     report = lora_one_init(model, batches_for_init, lambda m, ids: m(input_ids=ids, labels=ids).loss,
                            progress=False)
@@ -96,7 +100,7 @@ def finetune(base, mode, steps, device, batches_for_init, eval_ids, base_eval):
     return model.eval()
 
 
-def save_reload_check(model, base, mode, device):
+def save_reload_check(model, base, mode, device, peft_check=True):
     ids = sequences(8, torch.Generator().manual_seed(9), shift=3, device=device)
     with torch.no_grad():
         want = model(input_ids=ids).logits
@@ -111,6 +115,8 @@ def save_reload_check(model, base, mode, device):
               f"{'identical' if same else 'DIFFERENT'}")
         if not same:
             raise SystemExit("reloaded adapter gives different logits")
+        if not peft_check:
+            return
         try:
             import peft
         except ImportError:
@@ -121,12 +127,30 @@ def save_reload_check(model, base, mode, device):
         print(f"[{mode}] the same adapter loaded by PEFT {peft.__version__}: max |Δlogit| {diff:.2e}")
 
 
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (a 4-bit base's codes and scales are buffers)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def qlora_section(base, steps, device, init_batches, eval_ids, base_eval):
+    """The QLoRA run: the base quantized to NF4 (double quantization, lm_head and embeddings kept), LoRA-One and
+    B-only training on the 4-bit base; PEFT cannot load an adapter onto our NF4Linear layers, so only our reload."""
+    q_base = quantize_model(copy.deepcopy(base))
+    q_eval = eval_loss(q_base, eval_ids)
+    print(f"[QLoRA] base quantized to NF4: {weight_bytes(base) / 2**20:.2f} → {weight_bytes(q_base) / 2**20:.2f} MiB "
+          f"of weights (embeddings and lm_head stay {str(next(base.parameters()).dtype).replace('torch.', '')}); "
+          f"eval loss {base_eval:.4f} → {q_eval:.4f} from quantization alone")
+    model = finetune(q_base, "B", steps, device, init_batches, eval_ids, q_eval, tag="QLoRA B")
+    save_reload_check(model, q_base, "QLoRA B", device, peft_check=False)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="GPU: benchmark only the target configuration")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-qlora", action="store_true", help="skip the QLoRA (4-bit NF4 base) run")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -142,6 +166,8 @@ def main(argv=None):
     for mode in ("B", "AB"):
         model = finetune(base, mode, args.steps, device, init_batches, eval_ids, base_eval)
         save_reload_check(model, base, mode, device)
+    if not args.no_qlora:
+        qlora_section(base, args.steps, device, init_batches, eval_ids, base_eval)
     if cuda and not args.no_bench:
         sys.path.insert(0, HERE)
         import bench_e2e

@@ -331,14 +331,23 @@ class TrainableSummary:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableSummary:
-    """Count of trainable and all parameters (shared parameters counted once)."""
+    """Count of trainable and all parameters (shared parameters counted once).  A 4-bit weight counts its logical
+    out×in elements, as PEFT counts them: a bitsandbytes Params4bit holds two per byte, our NF4Linear keeps its
+    codes as buffers."""
+    from lora_kernels.quant import NF4Linear
+
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * 2 * p.element_size() if getattr(p, "quant_state", None) is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    for m in model.modules():
+        if type(m) is NF4Linear and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            total += m.in_features * m.out_features
     return TrainableSummary(trainable, total)
 
 

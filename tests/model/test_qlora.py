@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from lora_kernels import (FusedLoRALinear, FusedLoRALinear4bit, NF4Linear, inject_lora, load_adapter, lora_layers,
-                          quantize_model, save_adapter, unload_lora)
+                          quantize_model, save_adapter, trainable_parameters, unload_lora)
 from tests.helpers import assert_unchanged, snapshot, tiny_llama
 
 
@@ -144,3 +144,10 @@ def test_compute_dtype_casts_like_bitsandbytes():
     y = layer(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, layer.base_layer(x), rtol=0, atol=2e-2)
+
+
+def test_trainable_parameters_counts_4bit_weights_by_their_logical_size():
+    model = tiny_llama()
+    dense_total = trainable_parameters(model).total
+    quantize_model(model)
+    assert trainable_parameters(model).total == dense_total  # as PEFT counts a 4-bit model

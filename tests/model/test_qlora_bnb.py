@@ -117,3 +117,11 @@ def test_bnb_cpu_kernel_differs_across_rows():
     assert torch.equal(ours, flat)
     rel = lambda w: ((w - lin.weight).norm() / lin.weight.norm()).item()  # noqa: E731
     assert rel(ours) < 0.15 < rel(dequantize_4bit(q.weight.data, st))
+
+
+def test_trainable_parameters_counts_bitsandbytes_weights_by_their_logical_size():
+    from lora_kernels import trainable_parameters
+
+    model = bnb_llama()
+    dense_total = trainable_parameters(model).total
+    assert trainable_parameters(bnb_quantize(model)).total == dense_total
