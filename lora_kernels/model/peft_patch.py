@@ -218,8 +218,8 @@ def _fast_operands(self, x):
 
 def _nf4_operands(self, x, base, a, b, scale, p):
     """The fast path's operands for PEFT's bitsandbytes 4-bit layer: x cast to the base's compute dtype (as
-    ``Linear4bit.forward`` does), W the layer's own codes (``NF4Tensor``, no copy; cached on the layer while the codes
-    stay where they are: reading the offset costs one device sync), y cast back to x's dtype.  PEFT rounds the LoRA
+    ``Linear4bit.forward`` does), W the layer's own codes (``NF4Tensor``: no copy, no device sync), y cast back to
+    x's dtype.  PEFT rounds the LoRA
     term to the result's dtype before adding it; the op adds in fp32 and rounds once (≤ 1 ulp of that dtype apart).
     Under autocast PEFT's forward runs (bitsandbytes keeps its compute dtype there, the LoRA branch autocasts)."""
     if not all(_is_plain(t) for t in (base.bias, a, b)) or not isinstance(x, torch.Tensor) or not _is_plain(x):
@@ -228,12 +228,7 @@ def _nf4_operands(self, x, base, a, b, scale, p):
         return "its input is empty"
     if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         return "autocast is on with a 4-bit base"
-    key = (base.weight.data_ptr(), base.weight.device)
-    cached = self.__dict__.get("_lora_kernels_nf4")
-    if cached is None or cached[0] != key:
-        cached = (key, nf4_from_bnb(base))
-        self.__dict__["_lora_kernels_nf4"] = cached
-    q = cached[1]
+    q = nf4_from_bnb(base)
     dev = x.device
     if any(t.device != dev for t in (a, b) + ((base.bias,) if base.bias is not None else ())) or q.device != dev:
         return "its operands are on different devices"

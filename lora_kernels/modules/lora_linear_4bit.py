@@ -74,7 +74,6 @@ class FusedLoRALinear4bit(FusedLoRALinear):
         self.base_layer = linear
         for p in linear.parameters():
             p.requires_grad_(False)
-        self._nf4_cache = None
         self._init_adapter(cfg, device=q.device, dtype=q.dtype)
         self.train(linear.training)
         return self
@@ -99,17 +98,9 @@ class FusedLoRALinear4bit(FusedLoRALinear):
         return self.nf4().dtype
 
     def nf4(self) -> NF4Tensor:
-        """The base weight as an ``NF4Tensor`` (no copy).  NF4Linear caches its own; a bitsandbytes layer's view is
-        cached here while its codes and quant state are the same objects, unmodified (reading its offset costs one
-        device sync)."""
-        if type(self.base_layer) is NF4Linear:
-            return self.base_layer.nf4_tensor()
-        w = self.weight
-        state = getattr(w, "quant_state", None)
-        key = (w.data_ptr(), w.device, w._version, id(state), getattr(getattr(state, "absmax", None), "_version", 0))
-        if self._nf4_cache is None or self._nf4_cache[0] != key:
-            self._nf4_cache = (key, nf4_of(self.base_layer))
-        return self._nf4_cache[1]
+        """The base weight as an ``NF4Tensor`` over the base layer's own tensors (no copy, no device sync), built at
+        each call, so it always describes the layer's current codes."""
+        return nf4_of(self.base_layer)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W as a dense out×in tensor (a new one) of ``dtype`` (default: the compute dtype)."""

@@ -7,8 +7,8 @@ imported it already, so the checks look in ``sys.modules``.
 What is read (``QuantState`` of the weight):
   packed            the weight's data, flat, viewed as uint8 (``quant_storage`` may be bf16/fp32/...: a view)
   absmax, code      ``quant_state.absmax`` (fp32, or uint8 codes when nested), ``quant_state.code`` (16 levels)
-  nested            ``state2.absmax``, ``state2.code``, ``state2.blocksize`` and ``quant_state.offset`` -- the
-                    offset as a Python float, one ``.item()`` (a device sync on a GPU)
+  nested            ``state2.absmax``, ``state2.code``, ``state2.blocksize`` and ``quant_state.offset`` (its 0-d
+                    tensor itself: reading it needs no device sync)
   shape, blocksize  ``quant_state.shape`` (out, in), ``quant_state.blocksize``
   dtype             the layer's ``compute_dtype`` when set, else ``quant_state.dtype`` (the weight's dtype before
                     quantization)
@@ -97,5 +97,5 @@ def nf4_from_bnb(module_or_param) -> NF4Tensor:
     state2 = getattr(state, "state2", None)
     if state2 is not None:
         fields.update(nested_absmax=state2.absmax, nested_code=state2.code, nested_blocksize=int(state2.blocksize),
-                      offset=float(state.offset.item() if isinstance(state.offset, torch.Tensor) else state.offset))
+                      offset=state.offset)
     return NF4Tensor(**fields)

@@ -69,7 +69,6 @@ class NF4Linear(nn.Module):
         self.register_buffer("nested_absmax", nested["nested_absmax"] if nested else None)
         self.register_buffer("nested_code", nested["nested_code"] if nested else None)
         self.register_buffer("offset", offset)
-        self._offset_cache = None
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -90,9 +89,9 @@ class NF4Linear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         nested = dict(nested_absmax=q.nested_absmax, nested_code=q.nested_code) if q.nested else None
-        offset = torch.tensor(q.offset, dtype=torch.float32, device=q.device)
+        offset = (q.offset.detach().reshape(()) if isinstance(q.offset, torch.Tensor)
+                  else torch.tensor(q.offset, dtype=torch.float32, device=q.device))
         self._set_state(q.packed.reshape(-1), q.absmax, q.code, nested, offset)
-        self._offset_cache = (offset, offset._version, float(q.offset))  # no device sync for a value we hold
         self.in_features, self.out_features = in_f, out_f
         self.blocksize, self.compute_dtype = q.blocksize, q.dtype
         if bias is not None and not isinstance(bias, nn.Parameter):
@@ -117,20 +116,12 @@ class NF4Linear(nn.Module):
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
-    def _offset_value(self) -> float:
-        """``offset`` as a Python float, read once per value (one device sync on a GPU): the cache holds the buffer
-        itself and its version counter, which every in-place write (``load_state_dict`` too) bumps."""
-        cache = self._offset_cache
-        if cache is None or cache[0] is not self.offset or cache[1] != self.offset._version:
-            cache = self._offset_cache = (self.offset, self.offset._version, float(self.offset.item()))
-        return cache[2]
-
     def nf4_tensor(self) -> NF4Tensor:
         """The layer's weight as an ``NF4Tensor`` over its own buffers (no copy; validated)."""
         nested = {}
         if self.double_quant:
             nested = dict(nested_absmax=self.nested_absmax, nested_code=self.nested_code,
-                          nested_blocksize=NESTED_BLOCKSIZE, offset=self._offset_value())
+                          nested_blocksize=NESTED_BLOCKSIZE, offset=self.offset)
         return NF4Tensor(packed=self.weight, absmax=self.absmax, shape=(self.out_features, self.in_features),
                          dtype=self.compute_dtype, blocksize=self.blocksize, code=self.code, **nested)
 

@@ -18,7 +18,7 @@ Blocks run over the flat index, so they may straddle rows when in is not a multi
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -49,7 +49,7 @@ class NF4Tensor:
     nested_absmax: Optional[torch.Tensor] = None  # fp32 [⌈n_blocks / nested_blocksize⌉]
     nested_code: Optional[torch.Tensor] = None    # fp32 [256]
     nested_blocksize: int = 256
-    offset: float = 0.0
+    offset: Union[float, torch.Tensor] = 0.0     # a float or a 0-d fp32 tensor (no device sync to read it)
 
     def __post_init__(self):
         if self.code is None:
@@ -96,6 +96,9 @@ class NF4Tensor:
             if (self.nested_code is None or self.nested_code.dtype != torch.float32
                     or self.nested_code.numel() != 256):
                 raise ValueError("NF4Tensor.nested_code must be 256 float32 values when nested_absmax is given")
+        if isinstance(self.offset, torch.Tensor) and (self.offset.numel() != 1 or self.offset.dtype != torch.float32):
+            raise ValueError(f"NF4Tensor.offset must be a float or a one-element float32 tensor, got "
+                             f"{self.offset.numel()} {self.offset.dtype} values")
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"NF4Tensor.dtype (the compute dtype) must be a float dtype, got {self.dtype}")
         for name in ("absmax", "code", "nested_absmax", "nested_code"):
@@ -108,7 +111,8 @@ class NF4Tensor:
         if not self.nested:
             return self.absmax
         blk = torch.arange(self.n_blocks, device=self.device) // self.nested_blocksize
-        return self.nested_code[self.absmax.long()] * self.nested_absmax[blk] + self.offset
+        offset = self.offset.reshape(()) if isinstance(self.offset, torch.Tensor) else self.offset
+        return self.nested_code[self.absmax.long()] * self.nested_absmax[blk] + offset
 
 
 def dequantize_nf4_ref(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

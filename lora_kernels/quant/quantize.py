@@ -115,4 +115,4 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     nested_code = dynamic_map(signed=True).to(w.device)
     codes, nested_absmax = _nearest_blockwise(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     return NF4Tensor(absmax=codes.to(torch.uint8), nested_absmax=nested_absmax, nested_code=nested_code,
-                     nested_blocksize=NESTED_BLOCKSIZE, offset=offset.item(), **fields)
+                     nested_blocksize=NESTED_BLOCKSIZE, offset=offset, **fields)

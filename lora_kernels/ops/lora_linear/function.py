@@ -3,13 +3,14 @@ ops that ``torch.compile`` traces, the autograd Function and the functional ``lo
 
 Call path (eager): ``lora_linear`` → ``LoRALinearFunction`` → ``lora_fwd`` / ``lora_bwd`` → backend
 (``dispatch.backend``: ``launch`` or ``torch_path``).  Under ``torch.compile`` the Function calls the custom ops
-``torch.ops.lora_kernels.lora_fwd`` / ``lora_bwd`` instead, whose bodies are the same ``lora_fwd`` / ``lora_bwd``.
+``torch.ops.lora_kernels.lora_fwd`` / ``lora_bwd`` instead, whose bodies are the same ``lora_fwd`` / ``lora_bwd``;
+for a 4-bit NF4 W, ``lora_fwd_nf4`` / ``lora_bwd_nf4``, which take its tensors (``nf4_parts``) as arguments.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -90,26 +91,25 @@ def _out_features(weight) -> int:
     return weight.shape[0] if isinstance(weight, torch.Tensor) else weight.out_features
 
 
-def _refuse_compiled_quantized(weight) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise NotImplementedError(
-            "lora_linear: torch.compile of a layer with a quantized (4-bit) base weight is not supported yet; run "
-            "that layer eagerly (torch.compiler.disable) or compile a dense-base model")
-
-
 def _fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed_t):
     # Eager calls skip the dispatcher (tens of µs per op); torch.compile traces the custom op and its fake.
     if torch.compiler.is_compiling():
-        _refuse_compiled_quantized(weight)
+        if not isinstance(weight, torch.Tensor):
+            return torch.ops.lora_kernels.lora_fwd_nf4(x2d, *nf4_parts(weight), bias, lora_A, lora_B, scale,
+                                                       dropout_p, seed_t)
         return torch.ops.lora_kernels.lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed_t)
     return lora_fwd(x2d, as_base_weight(weight), bias, lora_A, lora_B, scale, dropout_p, int(seed_t))
 
 
 def _bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed_t, **need):
     if torch.compiler.is_compiling():
-        _refuse_compiled_quantized(weight)
-        outs = torch.ops.lora_kernels.lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed_t,
-                                               need["need_dx"], need["need_dA"], need["need_dB"])
+        flags = (need["need_dx"], need["need_dA"], need["need_dB"])
+        if not isinstance(weight, torch.Tensor):
+            outs = torch.ops.lora_kernels.lora_bwd_nf4(g2d, x2d, t, *nf4_parts(weight), lora_A, lora_B, scale,
+                                                       dropout_p, seed_t, *flags)
+        else:
+            outs = torch.ops.lora_kernels.lora_bwd(g2d, x2d, t, weight, lora_A, lora_B, scale, dropout_p, seed_t,
+                                                   *flags)
         return tuple(o if need[k] else None for o, k in zip(outs, ("need_dx", "need_dA", "need_dB")))
     return lora_bwd(g2d, x2d, t, as_base_weight(weight), lora_A, lora_B, scale, dropout_p, int(seed_t), **need)
 
@@ -127,6 +127,65 @@ def _seed_tensor(seed) -> torch.Tensor:
     if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**63):
         raise ValueError(f"seed must be a non-negative int below 2**63, got {seed!r}")
     return torch.tensor(seed, dtype=torch.int64)
+
+
+# The same pair for a 4-bit NF4 W: its tensors and sizes as the ops' arguments (custom ops take tensors and
+# scalars, not an NF4Tensor), rebuilt into an NF4Weight in the body.  ``meta``: [out, in, blocksize,
+# nested_blocksize]; the nested tensors are None without double quantization.
+
+def nf4_parts(base) -> tuple:
+    """(packed, absmax, code, nested_absmax, nested_code, meta, offset) of an ``NF4Weight``."""
+    q = base.q
+    offset = q.offset.reshape(()) if isinstance(q.offset, torch.Tensor) else q.code.new_full((), q.offset)
+    return (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code,
+            [q.shape[0], q.shape[1], q.blocksize, q.nested_blocksize], offset)
+
+
+def _nf4_base(dtype, packed, absmax, code, nested_absmax, nested_code, meta, offset) -> BaseWeight:
+    from lora_kernels.quant.nf4 import NF4Tensor
+
+    return as_base_weight(NF4Tensor(packed, absmax, (meta[0], meta[1]), dtype, meta[2], code, nested_absmax,
+                                    nested_code, meta[3], offset))
+
+
+@torch.library.custom_op("lora_kernels::lora_fwd_nf4", mutates_args=())
+def _lora_fwd_nf4_op(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor], meta: List[int],
+                     offset: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scale: float, dropout_p: float, seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``lora_fwd`` on a 4-bit NF4 W given by its parts (compute dtype: x's)."""
+    base = _nf4_base(x2d.dtype, packed, absmax, code, nested_absmax, nested_code, meta, offset)
+    return lora_fwd(x2d, base, bias, lora_A, lora_B, scale, dropout_p, int(seed))
+
+
+@_lora_fwd_nf4_op.register_fake
+def _(x2d, packed, absmax, code, nested_absmax, nested_code, meta, offset, bias, lora_A, lora_B, scale, dropout_p,
+      seed):
+    n = x2d.shape[0]
+    return (x2d.new_empty((n, meta[0])),
+            x2d.new_empty((n, lora_A.shape[0]), dtype=torch.promote_types(x2d.dtype, lora_A.dtype)))
+
+
+@torch.library.custom_op("lora_kernels::lora_bwd_nf4", mutates_args=())
+def _lora_bwd_nf4_op(g2d: torch.Tensor, x2d: Optional[torch.Tensor], t: Optional[torch.Tensor], packed: torch.Tensor,
+                     absmax: torch.Tensor, code: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                     nested_code: Optional[torch.Tensor], meta: List[int], offset: torch.Tensor, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor, need_dx: bool,
+                     need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lora_bwd`` on a 4-bit NF4 W given by its parts; outputs not asked for are empty tensors."""
+    base = _nf4_base(g2d.dtype, packed, absmax, code, nested_absmax, nested_code, meta, offset)
+    dx, d_a, d_b = lora_bwd(g2d, x2d, t, base, lora_A, lora_B, scale, dropout_p, int(seed), need_dx=need_dx,
+                            need_dA=need_dA, need_dB=need_dB)
+    return (dx if dx is not None else g2d.new_empty(0), d_a if d_a is not None else lora_A.new_empty(0),
+            d_b if d_b is not None else lora_B.new_empty(0))
+
+
+@_lora_bwd_nf4_op.register_fake
+def _(g2d, x2d, t, packed, absmax, code, nested_absmax, nested_code, meta, offset, lora_A, lora_B, scale, dropout_p,
+      seed, need_dx, need_dA, need_dB):
+    n = g2d.shape[0]
+    return (g2d.new_empty((n, meta[1]) if need_dx else (0,)), lora_A.new_empty(lora_A.shape if need_dA else (0,)),
+            lora_B.new_empty(lora_B.shape if need_dB else (0,)))
 
 
 # --------------------------------------------------------------------------------------------------------------
