@@ -72,3 +72,38 @@ def test_bad_arguments_name_the_argument(mutate, exc, word):
 def test_bad_scalars(scale, p, word):
     with pytest.raises(ValueError, match=word):
         lora_linear(*_good(), scale, p)
+
+
+def test_dropout_inside_a_cuda_graph_capture_is_refused(monkeypatch):
+    """A drawn seed inside a capture would be baked into the graph (one mask on every replay): a clear error, and
+    nothing is refused outside dropout or with an explicit seed."""
+    from lora_kernels.ops.lora_linear import function
+
+    monkeypatch.setattr(function, "_capturing", lambda x: True)
+    x, w, b, a, bb = make_case(8, 16, 12, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        lora_linear(x, w, b, a, bb, 1.0, 0.1)
+    lora_linear(x, w, b, a, bb, 1.0, 0.0)
+    lora_linear(x, w, b, a, bb, 1.0, 0.1, seed=3)
+
+
+@pytest.mark.gpu
+def test_gpu_capture_first_call_and_dropout_refusal():
+    """On the GPU: a first call inside a capture (nothing compiled or tuned yet for this shape) does not crash and
+    replays correctly; dropout with a drawn seed is refused inside the capture."""
+    x, w, b, a, bb = (t.detach().cuda() for t in make_case(40, 96, 72, 8, torch.bfloat16, bias=True))
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+        static_y = lora_linear(static_x, w, b, a, bb, 1.0, 0.0)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = lora_linear(static_x, w, b, a, bb, 1.0, 0.0)
+        assert torch.allclose(static_y.float(), want.float(), rtol=0, atol=1e-2)
+    graph2 = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        with torch.cuda.stream(s), torch.cuda.graph(graph2, stream=s):
+            lora_linear(static_x, w, b, a, bb, 1.0, 0.1)

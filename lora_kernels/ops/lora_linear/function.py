@@ -362,6 +362,22 @@ def _check_scalars(scale, dropout_p):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's CUDA stream is being captured into a CUDA graph (never under torch.compile's tracing)."""
+    return (x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())
+
+
+def _refuse_captured_dropout(x, dropout_p, seed) -> None:
+    """Dropout with a drawn seed inside a CUDA graph capture would repeat one mask on every replay: the seed is drawn
+    on the host at capture time and baked into the graph.  Refused rather than silently wrong."""
+    if dropout_p > 0.0 and seed is None and _capturing(x):
+        raise RuntimeError(
+            "lora_linear: dropout (p > 0) inside a CUDA graph capture would replay the same dropout mask on every "
+            "replay (the seed is drawn on the host when the graph is captured).  Capture with lora_dropout=0 (or the "
+            "layer in eval mode), or pass seed= explicitly if one fixed mask is what you want")
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=None):
     """y = x Wᵀ + b + scale · (dropout(x) lora_Aᵀ) lora_Bᵀ, differentiable in x, lora_A, lora_B (and W, b if
     they require grad).  Dropout (inverted, as nn.Dropout) acts on the LoRA branch only.
@@ -384,6 +400,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, seed=N
         weight = as_base_weight(weight)  # a quantized W (NF4Tensor) or a BaseWeight; a TypeError names weight
     _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, autocast=autocast)
     scale, dropout_p = float(scale), float(dropout_p)
+    _refuse_captured_dropout(x, dropout_p, seed)
     if autocast:
         # Under autocast (e.g. HF Trainer bf16=True with fp32 parameters) run in the autocast dtype, as
         # nn.Linear would, and as PEFT's layers do (fp32 adapters included: their F.linear autocasts too); the
