@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import sys
@@ -23,7 +24,8 @@ from typing import List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # helpers; lora_kernels from this checkout
 from utils import Budget, environment, markdown_table, plot_ratios, write_csv  # noqa: E402
 
 from lora_kernels import inject_lora  # noqa: E402
@@ -124,6 +126,9 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new configuration after this many seconds (0: no limit); skipped ones are listed")
     args = ap.parse_args(argv)
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:  # checked before any model is built: the PEFT provider and the LLaMA config both need them
+        raise SystemExit(f"bench_e2e.py needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     if args.smoke:
         device, dtype, batch, seq, steps = "cpu", torch.float32, 2, 16, 2
     else:

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # helpers; lora_kernels from this checkout
 from utils import Budget, bench_ms, environment, markdown_table, plot_ratios, write_csv  # noqa: E402
 
 from lora_kernels import rsvd  # noqa: E402

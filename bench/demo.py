@@ -27,8 +27,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lora_kernels import inject_lora, load_adapter, lora_one_init, quantize_model, save_adapter, trainable_parameters
-from lora_kernels.optim import PreconditionedAdamW
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # helpers; lora_kernels from this checkout
+from lora_kernels import (inject_lora, load_adapter, lora_one_init, quantize_model, save_adapter,  # noqa: E402
+                          trainable_parameters)
+from lora_kernels.optim import PreconditionedAdamW  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 V, T = 64, 32

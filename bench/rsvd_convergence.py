@@ -5,11 +5,15 @@ CPU in about a minute:  python bench/rsvd_convergence.py [--size 1024] [--rank 1
 """
 
 import argparse
+import os
+import sys
 
 import torch
 
-from lora_kernels import rsvd
-from lora_kernels.ops.rsvd import principal_sine
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # helpers; lora_kernels from this checkout
+from lora_kernels import rsvd  # noqa: E402
+from lora_kernels.ops.rsvd import principal_sine  # noqa: E402
 
 
 def main(argv=None):

@@ -20,10 +20,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(os.path.dirname(_HERE))]  # helpers; lora_kernels from this checkout
 from common import pyplot, save_figure, write_summary  # noqa: E402
 
-from lora_kernels import FusedLoRALinear
+from lora_kernels import FusedLoRALinear  # noqa: E402
 
 
 def make_data(seed: int, d: int = 64, n: int = 4096, anisotropic: bool = True):

@@ -22,13 +22,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(os.path.dirname(_HERE))]  # helpers; lora_kernels from this checkout
 from common import pyplot, save_figure, write_summary  # noqa: E402
 import torch.nn as nn
 
-from lora_kernels import FusedLoRALinear, lora_one_init
-from lora_kernels.ops.rsvd import principal_sine
-from lora_kernels.optim import PreconditionedSGD
+from lora_kernels import FusedLoRALinear, lora_one_init  # noqa: E402
+from lora_kernels.ops.rsvd import principal_sine  # noqa: E402
+from lora_kernels.optim import PreconditionedSGD  # noqa: E402
 
 
 def make_problem(seed: int, d: int = 100, k: int = 100, n: int = 1600, true_rank: int = 4):

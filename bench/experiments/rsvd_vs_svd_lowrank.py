@@ -9,11 +9,15 @@ against the exact [G]_r (known from the construction, fp64).  Both see the same 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-from lora_kernels.ops.rsvd import rsvd
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(os.path.dirname(_HERE))]  # helpers; lora_kernels from this checkout
+from lora_kernels.ops.rsvd import rsvd  # noqa: E402
 
 
 def layer_like(n: int, r: int, gap: float, decay: float, seed: int):

@@ -15,14 +15,18 @@ sizes k = 2r+1 and 4r+1; then the fine-tuning loss right after a LoRA-One init w
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_kernels import FusedLoRALinear, lora_one_init
-from lora_kernels.init.collect import collect_gradients, sketch_svd
-from lora_kernels.ops.rsvd import principal_sine
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(os.path.dirname(_HERE))]  # helpers; lora_kernels from this checkout
+from lora_kernels import FusedLoRALinear, lora_one_init  # noqa: E402
+from lora_kernels.init.collect import collect_gradients, sketch_svd  # noqa: E402
+from lora_kernels.ops.rsvd import principal_sine  # noqa: E402
 
 V, D, H, L, T = 64, 128, 4, 2, 32
 
