@@ -125,3 +125,15 @@ def test_trainable_parameters_counts_bitsandbytes_weights_by_their_logical_size(
     model = bnb_llama()
     dense_total = trainable_parameters(model).total
     assert trainable_parameters(bnb_quantize(model)).total == dense_total
+
+
+def test_fp4_layers_work_through_their_code_table():
+    """bitsandbytes' FP4 codes: the same layout with another 16-entry table, which the kernels read from the layer."""
+    lin = nn.Linear(128, 48)
+    q = bnb_linear4bit(lin.weight, lin.bias, quant_type="fp4", compute_dtype=torch.float32)
+    layer = FusedLoRALinear.from_linear(q, r=4)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(5, 128)
+    want = q(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
