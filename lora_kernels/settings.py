@@ -6,6 +6,7 @@
 | ``LORA_KERNELS_AUTOTUNE``| ``autotune``| ``1`` (default), ``0``          | ``0`` pins one GEMM tile per dtype              |
 | ``LORA_KERNELS_TMA``     | ``tma``     | ``1`` (default), ``0``          | ``0`` forces pointer loads in the GEMM          |
 | ``LORA_KERNELS_SMALL_SVD``| ``small_svd``| ``auto`` (default), ``jacobi``, ``torch`` | the k×k solver inside rsvd          |
+| ``LORA_KERNELS_TUNING_CACHE``| ``tuning_cache``| file path; unset (default) | tuning choices kept on disk (tuning_cache.py) |
 | ``TRITON_INTERPRET``     | ``interpret``| ``0`` (default), ``1``         | Triton's CPU interpreter (Triton itself reads it at import) |
 
 ``get()`` returns the object in force.  ``override(**fields)`` changes it inside a ``with`` block, process-wide (not
@@ -25,7 +26,8 @@ from typing import Iterator, Mapping, Optional
 ARRANGEMENTS = ("fused", "split")
 _CHOICES = {"gemm": ("auto",) + ARRANGEMENTS, "small_svd": ("auto", "jacobi", "torch")}
 _ENV = {"gemm": "LORA_KERNELS_GEMM", "autotune": "LORA_KERNELS_AUTOTUNE", "tma": "LORA_KERNELS_TMA",
-        "small_svd": "LORA_KERNELS_SMALL_SVD", "interpret": "TRITON_INTERPRET"}
+        "small_svd": "LORA_KERNELS_SMALL_SVD", "tuning_cache": "LORA_KERNELS_TUNING_CACHE",
+        "interpret": "TRITON_INTERPRET"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Settings:
     autotune: bool = True
     tma: bool = True
     small_svd: str = "auto"
+    tuning_cache: Optional[str] = None  # an absolute file path, or None: no disk cache
     interpret: bool = False
 
     def __post_init__(self):
@@ -44,6 +47,10 @@ class Settings:
         for name in ("autotune", "tma", "interpret"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"setting {name!r} must be a bool, got {getattr(self, name)!r}")
+        path = self.tuning_cache
+        if path is not None and (not isinstance(path, str) or not path or os.path.isdir(path)):
+            raise ValueError(f"{_ENV['tuning_cache']} (setting 'tuning_cache') must be a file path (or unset), "
+                             f"got {path!r}" + (": that is a directory" if isinstance(path, str) and path else ""))
 
 
 def from_env(env: Optional[Mapping[str, str]] = None) -> Settings:
@@ -62,6 +69,9 @@ def from_env(env: Optional[Mapping[str, str]] = None) -> Settings:
             if raw not in flag[name]:
                 raise ValueError(f"{var} must be '1' or '0', got {raw!r}")
             values[name] = raw == "1"
+        elif name == "tuning_cache":
+            if raw:  # empty: unset, as a shell's VAR= leaves it
+                values[name] = os.path.abspath(os.path.expanduser(raw))  # a later chdir does not move it
         else:
             values[name] = raw
     return Settings(**values)

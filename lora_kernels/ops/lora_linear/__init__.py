@@ -4,6 +4,7 @@
 |------------------|---------------------------------------------------------------------------------------|
 | ``kernels.py``   | the Triton kernels (shrink, fused GEMM, token reduction, the dropout mask ``_dropout_keep``) |
 | ``tuning.py``    | autotune candidates and pruning, pinned tiles, launch shapes, SM count                 |
+| ``tuning_cache.py`` | autotune / arrangement choices on disk and across ranks; no tuning inside a capture  |
 | ``launch.py``    | the kernel backend: launchers, TMA allocator, fused/split GEMM                          |
 | ``arrangement.py`` | fused-vs-split measurement, its cache and report, the ``gemm_arrangement`` override  |
 | ``torch_path.py``| the pure-PyTorch backend, same entry points as ``launch``                               |

@@ -15,7 +15,7 @@ import triton
 
 from lora_kernels import settings
 from lora_kernels._backend import interpreter_enabled
-from lora_kernels.ops.lora_linear import arrangement, tuning
+from lora_kernels.ops.lora_linear import arrangement, tuning, tuning_cache
 from lora_kernels.ops.lora_linear.base_weight import BaseWeight
 from lora_kernels.ops.lora_linear.kernels import (_dropout_mask_kernel, _lora_gemm_kernel, _lora_shrink_kernel,
                                                   _lora_wgrad_kernel)
@@ -167,10 +167,11 @@ def _gemm_launch(a2d, w, w_nk, bias, t, l, c, seed, p, epi_dropout, base_in_c):
                  **_dot_flags(a2d.dtype), **_lora_loop_flags(a2d.dtype, t.dtype))
     if autotune_enabled() and not base_in_c:
         grid = lambda meta: (tuning.grid_size(m, n, meta, a2d.device),)  # noqa: E731
-        tuning._lora_gemm_kernel_tuned[grid](*args, **flags)
-    else:
-        meta = tuning.pinned_gemm_meta(a2d.dtype, base_in_c)
-        _lora_gemm_kernel[(tuning.grid_size(m, n, meta, a2d.device),)](*args, **flags, **meta)
+        # False only inside a CUDA graph capture, for a key not tuned yet: the pinned tile below (said once).
+        if tuning_cache.launch_tuned(tuning._lora_gemm_kernel_tuned, grid, args, flags):
+            return c
+    meta = tuning.pinned_gemm_meta(a2d.dtype, base_in_c)
+    _lora_gemm_kernel[(tuning.grid_size(m, n, meta, a2d.device),)](*args, **flags, **meta)
     return c
 
 
@@ -199,6 +200,11 @@ def _gemm_split(a2d, base, w_nk, bias, t, l, seed, p, epi_dropout):
     return _gemm_launch(a2d, None, w_nk, bias, t, l, c, seed, p, epi_dropout, True)
 
 
+def _times_arrangement(a2d: torch.Tensor) -> bool:
+    """Whether "auto" measures the arrangements for this call (CUDA, not the interpreter); fused otherwise."""
+    return a2d.is_cuda and not interpreter_enabled()
+
+
 def gemm(a2d: torch.Tensor, base: BaseWeight, w_nk: bool, bias: Optional[torch.Tensor], t: torch.Tensor,
          l: torch.Tensor, seed: int, p: float, epi_dropout: bool) -> torch.Tensor:
     """c = a2d Wᵀ + bias + t l (w_nk: the forward) or c = a2d W + keep ⊙ (t l) (the dgrad, keep if epi_dropout).
@@ -216,7 +222,7 @@ def gemm(a2d: torch.Tensor, base: BaseWeight, w_nk: bool, bias: Optional[torch.T
     dense = isinstance(w, torch.Tensor)
     setting = settings.get().gemm if w is not None else "split"
     if setting == "auto":
-        if interpreter_enabled() or not a2d.is_cuda:
+        if not _times_arrangement(a2d):
             setting = "fused"
         else:
             # The LoRA operands' dtype and the weight's kind go last: readers of gemm_arrangement_report() zip the
