@@ -12,9 +12,22 @@ left is not started.  Shares in seconds at --budget 450 (another budget scales t
 | stage   | share | what                                                                                        |
 |---------|-------|---------------------------------------------------------------------------------------------|
 | env     | 10    | GPU, driver, clocks, SM count, versions, optional dependencies, lora_kernels._C             |
-| correct | 150   | every kernel family vs float64, autotuning off, poisoned outputs; parallel worker processes |
-| ratios  | 120   | 8192 tokens x 4096->4096 r=16 bf16: nn.Linear, PEFT, addmm, ours (auto/fused/split); last, ours   |
-|         |       | with fp32 lora_A/lora_B (AB, B, AB p=0.1) next to ours and nn.Linear                          |
+| correct | 150   | every kernel family vs float64, autotuning off, poisoned outputs; parallel worker processes; |
+|         |       | the NF4 base (QLoRA): fused / split x AB / B, bf16 and fp32, p=0.1, and the path each took    |
+| ratios  | 120   | 8192 tokens x 4096->4096 r=16 bf16: nn.Linear, PEFT, addmm, ours (auto/fused/split); then ours |
+|         |       | with fp32 lora_A/lora_B (AB, B, AB p=0.1) next to ours and nn.Linear; last, QLoRA: the same    |
+|         |       | shape on an NF4 base (double quant), fp32 adapters: floor (our dequant + F.linear), peft-bnb   |
+|         |       | (only where bitsandbytes imports and works), peft-style, ours-AB, ours-B; fwd and fwd+bwd,     |
+|         |       | peak MB, numerics, what auto chose; target ours-B fwd+bwd >= 1.5x faster than PEFT (+bnb)     |
+
+What the NF4 / QLoRA additions cost on an H200 (estimated, not measured: no GPU run yet).  correct: the two NF4
+cases compile about 5 kernels each (the NF4 GEMM forward and masked dgrad, the dequantization, the split
+arrangement's LoRA pass; the shrink and reductions are shared with the odd-shape cases), 1-4 s each, about 30 s of
+compiling spread over the workers: +3-8 s of the stage's wall clock.  ratios: 3-4 new compiles at the 8192 x 4096
+specialization (NF4 GEMM forward and dgrad, the dequantization; the fp32-adapter kernels are the rows before's),
+8-15 s, plus 7 do_bench timings of ~0.35 s, the auto arrangement's two candidates per new key (~0.5 s) and the
+float64 numerics (< 1 s): 12-20 s, up to ~35 s if the split arrangement's LoRA pass must be autotuned afresh.  The
+dry run: about +5 s.
 | rsvd    | 60    | batch 32 x 4096^2 r=16 (k=4r, niter 5 and 6), LoRA-One's svd_lowrank, CUDA Jacobi vs linalg  |
 | e2e     | 90    | 4 LLaMA-7B-width layers, bf16, r=16 all-linear, seq 2048: PEFT vs ours, AB and B, p=0.05;    |
 |         |       | last, peft+patch (the PEFT model after lora_kernels.patch_peft, its fp32 adapters), AB and B  |
@@ -81,11 +94,13 @@ MIN_START = {"env": 0, "correct": 15, "ratios": 20, "rsvd": 15, "e2e": 30}  # do
 KILL_GRACE = 3.0   # SIGTERM, then SIGKILL after this many seconds
 BUILD_MAX = 300.0  # the extension build is killed after this long (or when the rsvd stage can wait no more)
 SUMMARY_MAX_LINES = 40
+NF4_FAMILY = "NF4 base (QLoRA)"
 FAMILIES = ("shrink", "GEMM TMA", "GEMM pointer", "persistent grid", "split arrangement", "dgrad", "masked dgrad",
             "dA/dB reductions", "odd shape (M=1, r=7)", "r=256", ">2^31 elements", "autotune candidates",
-            "dropout mask (Philox)", "torch.compile fullgraph")
+            "dropout mask (Philox)", "torch.compile fullgraph", NF4_FAMILY)
 RATIO_TARGETS = {"fwd": 1.05, "fwdbwd-AB": 1.10, "fwdbwd-B": 1.06, "fwdbwd-AB p=0.1": 1.12,
-                 "fwdbwd-AB small": 1.20}
+                 "fwdbwd-AB small": 1.20,
+                 "qlora": 1.5}  # QLoRA: a speed-up, ours-B fwd+bwd over PEFT + bitsandbytes (else peft-style)
 OUR_CSVS = ("env.csv", "stages.csv", "correct.csv", "correct_families.csv", "ratios.csv", "ratios_arrangements.csv",
             "rsvd.csv", "rsvd_jacobi.csv", "e2e.csv", "ratios.png", "e2e.png", "summary.txt", "summary.json",
             "gpu_check.log")
@@ -261,22 +276,26 @@ DRY_MODE_PS = [("AB", 0.0), ("B", 0.1), ("A", 0.1)]  # the dry run: every mode, 
 
 def _sizes(dry: bool) -> dict:
     if dry:
-        return dict(aligned=(64, 64, 64, 16), odd=[(1, 37, 45, 7), (19, 37, 45, 7)], r256=(33, 64, 48, 256),
+        return dict(aligned=(64, 64, 64, 16), odd=[(1, 37, 45, 7), (19, 37, 45, 7)], nf4=[(37, 100, 70, 7)],
+                    r256=(33, 64, 48, 256),
                     cand=(100, 64, 80, 16), big=(64, 16, 4), big_n=4096 // 64 + 10, mask_d=24, mask_n=50,
                     mask_shapes=(((51, 100), 0.3), ((7, 13), 0.5)), device="cpu")
     # cand: every size a multiple of 16 (the ratios stage's 8192x4096->4096 specialization, so its autotuner finds
     # these kernels compiled) but ragged against the 128/256 tiles; more tiles than SMs (persistent tiles walk).
+    # nf4: in_features 100 (blocks of 64 and bytes straddle rows), then 1001 (odd: a byte holds the end of one row
+    # and the start of the next, the last byte is padded) over several tiles; one specialization, one compile.
     return dict(aligned=(2048, 4096, 4096, 16), odd=[(1, 1001, 1003, 7), (333, 1001, 1003, 7)],
+                nf4=[(37, 100, 70, 7), (333, 1001, 1003, 7)],
                 r256=(4096, 512, 512, 256), cand=(4000, 2048, 4112, 16), big=(2048, 64, 8),
                 big_n=2**31 // 2048 + 1000, mask_d=128, mask_n=1000,
                 mask_shapes=(((513, 1000), 0.3), ((7, 13), 0.5), ((33, 50), 0.1), ((64, 130), 0.9)), device="cuda")
 
 
 def _compare(chk: Checks, fams, label: str, mode: str, p: float, case_args, scale: float = 0.5,
-             seed: int = 1234) -> None:
+             seed: int = 1234, w_dense=None) -> None:
     """tests.helpers.run_and_compare (ours vs float64, bound 2 x torch-in-the-same-dtype + error_floor), with the
     errors it computes recorded: its module-level rel_err is wrapped for the call, so the comparison is the
-    tests' own, not a copy."""
+    tests' own, not a copy.  ``w_dense``: the references' W when case_args holds a quantized one (NF4Tensor)."""
     from tests import helpers as H
 
     calls: List[float] = []
@@ -290,7 +309,7 @@ def _compare(chk: Checks, fams, label: str, mode: str, p: float, case_args, scal
     H.rel_err = recording
     msg = None
     try:
-        H.run_and_compare(*case_args, scale=scale, p=p, seed=seed)
+        H.run_and_compare(*case_args, scale=scale, p=p, seed=seed, w_dense=w_dense)
     except AssertionError as exc:
         msg = str(exc) or "assertion failed"
     finally:
@@ -566,6 +585,46 @@ def _compile_case(chk, sz, dry):
     chk.add(["torch.compile fullgraph"], f"tiny injected model fp32, {backend}", "logits + LoRA grads", worst, 1e-4)
 
 
+def _nf4_case(chk, sz, dtype):
+    """lora_linear on a 4-bit NF4 base (double quantization, blocksize 64), each arrangement (fused: W decoded in
+    the GEMM's main loop; split: W dequantized into a scratch buffer) x mode AB / B at dropout 0.1, against float64
+    on the dequantized W (tests/ops/test_nf4_lora_linear.py's comparison); also that each arrangement launched the
+    kernels it names (nf4_launch.gemm and nf4_launch.dequantize wrapped, counted)."""
+    from lora_kernels.ops import ARRANGEMENTS, gemm_arrangement
+    from lora_kernels.ops.lora_linear import nf4_launch
+    from lora_kernels.quant import dequantize_nf4_ref, quantize_nf4
+
+    calls = {"gemm": 0, "dequantize": 0}
+    orig = {name: getattr(nf4_launch, name) for name in calls}
+
+    def counting(name):
+        def fn(*args, **kw):
+            calls[name] += 1
+            return orig[name](*args, **kw)
+        return fn
+
+    for name in calls:
+        setattr(nf4_launch, name, counting(name))
+    try:
+        for arrangement in ARRANGEMENTS:
+            before = dict(calls)
+            for shape in sz["nf4"]:
+                for mode in ("AB", "B"):
+                    x, w, b, a, bb = _case_args(shape, dtype, mode, sz["device"])
+                    q = quantize_nf4(w.float(), 64, double_quant=True, compute_dtype=dtype)
+                    with gemm_arrangement(arrangement):
+                        _compare(chk, [NF4_FAMILY], f"{arrangement} {_label(shape, dtype)}", mode, 0.1,
+                                 (x, q, b, a, bb), w_dense=dequantize_nf4_ref(q))
+            fused, dq = calls["gemm"] - before["gemm"], calls["dequantize"] - before["dequantize"]
+            wrong = dq if arrangement == "fused" else fused
+            chk.add([NF4_FAMILY], f"{_dt(dtype)} {arrangement} path taken", "launches on the other path",
+                    wrong if (fused or dq) else float("nan"), 0,
+                    note=f"{fused} fused NF4 GEMM launches, {dq} dequantizations")
+    finally:
+        for name, fn in orig.items():
+            setattr(nf4_launch, name, fn)
+
+
 def _candidates():
     try:
         from lora_kernels.ops.lora_linear import tuning
@@ -609,6 +668,7 @@ def correct_cases(dry: bool):
         ("r=256 bf16", lambda c, s: _paths(c, s, bf, ["r=256"], [s["r256"]])),
         ("beyond int32", _beyond_int32_case),
         ("torch.compile", lambda c, s: _compile_case(c, s, dry)),
+        ("NF4 bf16", lambda c, s: _nf4_case(c, s, bf)),
     ]
     cands = _candidates()
     if dry:  # the first one-tile and the first persistent candidate: the code path, not every tile
@@ -626,6 +686,7 @@ def correct_cases(dry: bool):
         ("persistent fp16 (pointer)", lambda c, s: _persistent_case(c, s, h, ctx=_no_tma)),
         ("persistent fp32", lambda c, s: _persistent_case(c, s, f)),
         ("r=256 fp32", lambda c, s: _paths(c, s, f, ["r=256"], [s["r256"]])),
+        ("NF4 fp32", lambda c, s: _nf4_case(c, s, f)),
     ]
     return cases
 
@@ -678,10 +739,14 @@ def ratio_plan(dry: bool):
         # back to back (the last one's ratio to the middle one is the predicted +1-3% step cost)
         (f"fwdbwd-AB {FP32A} N={big}", big, 0.0, "fwdbwd-AB", "fwdbwd-AB"),
         (f"fwdbwd-B {FP32A} N={big}", big, 0.0, "fwdbwd-B", "fwdbwd-B"),
-        (f"fwdbwd-AB p=0.1 {FP32A} N={big}", big, 0.1, "fwdbwd-AB", "fwdbwd-AB p=0.1")]
+        (f"fwdbwd-AB p=0.1 {FP32A} N={big}", big, 0.1, "fwdbwd-AB", "fwdbwd-AB p=0.1")] + [
+        # QLoRA: the same shape on a 4-bit NF4 base (double quant), fp32 adapters; last, never displacing the rows
+        # above.  The forward case also builds the weight and checks every provider's numerics.
+        (f"{QLORA} fwd N={big}", big, 0.0, "fwd", QLORA), (f"{QLORA} fwdbwd N={big}", big, 0.0, "fwdbwd", QLORA)]
 
 
 FP32A = "fp32-adapters"  # marks the ratios cases (and the provider) with lora_A / lora_B in float32
+QLORA = "qlora"  # marks the ratios cases on the NF4 base (bench_lora_linear --qlora's providers)
 
 
 def _fp32_adapter_rows(BL, shape, n, r, p, mode, base, a, b, x, g, errs) -> List[dict]:
@@ -729,8 +794,6 @@ def stage_ratios(wk: Worker) -> None:
     import bench_lora_linear as BL
     from tests.helpers import error_floor
 
-    from lora_kernels.ops import gemm_arrangement_report
-
     if wk.dry:
         shape, r, dtype, device = BL.Shape("tiny 64→48", 64, 48), 4, torch.float32, "cpu"
     else:
@@ -748,6 +811,9 @@ def stage_ratios(wk: Worker) -> None:
         if not wk.allows(name, need=3.0):
             continue
         with wk.case(name) as rec:
+            if target == QLORA:
+                _qlora_ratio_case(BL, rec, data, name, n, p, mode, wk.dry)
+                continue
             if (n, p) not in data:
                 data.clear()
                 if device == "cuda":
@@ -771,10 +837,42 @@ def stage_ratios(wk: Worker) -> None:
             rec.update(rows=[dict(row, case=name, dtype=_dt(dtype)) for row in rows], target=RATIO_TARGETS[target],
                        target_key=target, numerics=numerics,
                        numerics_ok=grads_ok and all(e <= bnd for e, bnd in numerics.values()))
-    names = ("pass", "device_index", "dtype", "m_bucket", "n", "k", "r", "bias", "dropout", "tma", "input_precision",
-             "autotune")
-    arr = [dict(zip(names, key), **v) for key, v in gemm_arrangement_report().items()]
-    wk.emit("arrangements", rows=arr)
+    wk.emit("arrangements", rows=BL.arrangement_rows())
+
+
+def _qlora_ratio_case(BL, rec: dict, data: dict, name: str, n: int, p: float, mode: str, dry: bool) -> None:
+    """One QLoRA ratios case (bench_lora_linear's QLoRA providers, timed by its _time_qlora_mode): 8192 x 4096->4096
+    bf16 r=16 (dry: 37 x 64->48 fp32 r=4 on the CPU), NF4 with double quantization, fp32 adapters; the floor
+    (our dequantization + F.linear), peft-bnb where bitsandbytes imports and works, peft-style, ours-AB and ours-B
+    (arrangement "auto").  Numerics once per weight: ours within 2 x torch's composition in the run's dtypes +
+    error_floor, against float64 on the dequantized W."""
+    import torch
+    from tests.helpers import error_floor
+
+    if QLORA not in data:
+        data.clear()  # the dense cases' tensors
+        if not dry:
+            torch.cuda.empty_cache()
+        if dry:
+            shape, r, dtype, device = BL.Shape("tiny 64→48", 64, 48), 4, torch.float32, "cpu"
+        else:
+            shape, r, dtype, device = BL.LLAMA2_7B[0], 16, torch.bfloat16, "cuda"
+        torch.manual_seed(0)
+        case = BL.build_qlora_case(shape, n, r, p, dtype, device)
+        provs = BL.qlora_providers(case)
+        numerics = BL.check_qlora_numerics(case, provs)
+        floor = error_floor(dtype, shape.d_in + shape.d_out + r)
+        bounds = {f"{prov} {k}": (errs[f"err_{k}"], 2 * numerics["torch"][f"err_torch_{k}"] + floor)
+                  for prov, errs in numerics.items() if prov.startswith("ours-")
+                  for k in ("y", "dx", "dA", "dB") if isinstance(errs[f"err_{k}"], float)}
+        data[QLORA] = (case, provs, numerics, bounds)
+        if case.bnb_note:
+            print(f"[ratios] qlora: {case.bnb_note}; the QLoRA speed-up is over peft-style", flush=True)
+    case, provs, numerics, bounds = data[QLORA]
+    rows = BL._time_qlora_mode(case, mode, provs, numerics)
+    rec.update(rows=[dict(row, case=name) for row in rows], target=RATIO_TARGETS[QLORA],
+               target_key=QLORA, numerics=bounds, numerics_ok=all(e <= bnd for e, bnd in bounds.values()),
+               bnb_note=case.bnb_note)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1495,7 +1593,8 @@ class Driver:
         try:
             if ratio_rows:
                 plot_ratios(os.path.join(self.outdir, "ratios.png"),
-                            [r for r in ratio_rows if r["provider"] != "linear"], "case", "provider", "ratio",
+                            [r for r in ratio_rows if r["provider"] != "linear" and not _is_qlora(r)], "case",
+                            "provider", "ratio",
                             f"time / nn.Linear ({dev})")
             rows = [r for r in e2e_rows if r.get("tokens_per_s")]
             if rows:
@@ -1504,8 +1603,31 @@ class Driver:
         except Exception as exc:  # a plot is never worth failing the run
             print(f"plots: {type(exc).__name__}: {exc}")
 
+    def qlora_summary(self, rows: List[dict], arr_rows: List[dict]) -> List[str]:
+        """Three lines: what was measured, time / floor (and peak MB) per mode and provider, the target with the
+        auto arrangement's choice and the numerics."""
+        if not rows:
+            return []
+        h = rows[0]
+        L = [f"qlora ({h['shape']}, NF4 double quant by {h['nf4_from']}, r={h['r']}, {h['dtype']}, "
+             f"{h['adapter_dtype']} adapters; ms of {h['provider']}, then time / it"
+             + ("" if self.dry else ", fwd+bwd peak MB") + "):"]
+        parts = []
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            mr = [r for r in rows if r["mode"] == mode]
+            parts.append(f"{mode}: {_fmt(mr[0]['ms'], '.3f')} ms; " + "; ".join(
+                f"{r['provider']} {_fmt(r['ratio'], '.3f')}"
+                + (f" {r['peak_mb']:.0f}MB" if isinstance(r.get("peak_mb"), float) and mode != "fwd" else "")
+                for r in mr[1:]))
+        L.append("  " + " | ".join(parts))
+        auto = "; ".join(f"{a['pass']} {a['choice']}" for a in arr_rows if a.get("weight") == "NF4Tensor")
+        L.append(f"  {_qlora_target(rows, self.dry)} | auto: {auto or ('fused (off CUDA)' if self.dry else '-')}"
+                 + (" | numerics ok" if all(r["numerics_ok"] for r in rows) else " | NUMERICS FAILED"))
+        return L
+
     def summary(self, fams, ratio_rows, arr_rows, rsvd_rows, jac_rows, e2e_rows, rc, bad_other, t0) -> List[str]:
-        """At most SUMMARY_MAX_LINES lines: 7 stage lines, 15 correctness, 8 ratios, 5 rsvd, 2 e2e, cache, result."""
+        """At most SUMMARY_MAX_LINES lines: 7 stage lines, 9 correctness (two families a line), 9 ratios, 3 qlora,
+        5 rsvd, 2 e2e, cache, result."""
         e = self.env
         dry = self.dry
         L = [f"== gpu_check{' DRY RUN (CPU, interpreter; no performance claim)' if dry else ''}: "
@@ -1532,12 +1654,26 @@ class Driver:
             L.append(f"{s:8s} {r.get('status', 'not run'):7s} {r.get('seconds', 0):5.0f}s {r.get('budget', 0):5.0f}s "
                      f"{cstr:>14s}  {note[:140]}")
         if fams:
-            L.append("correctness vs float64 (bound 2 x torch in the same dtype + floor; autotune off; NaN-poisoned):")
+            L.append("correctness vs float64 (bound 2 x torch in the same dtype + floor; autotune off; NaN-poisoned; "
+                     "family, checks, worst rel err, worst err/bound):")
+            # two families a line, except a failed or cut one, which gets its own line for what failed or was cut
+            pair: List[str] = []
             for f in fams:
                 extra = f"  <- {f['first_failure'][:80]}" if f["result"] == "FAIL" else (
                     f"  (cut: {f['cut_cases'][:60]})" if f["cut_cases"] else "")
-                L.append(f"  {f['result']:5s} {f['family']:24s} {f['checks']:4d} checks  worst {_fmt(f['worst_rel_err'])}"
-                         f"  err/bound {_fmt(f['worst_err_over_bound'], '.2f')}{extra}")
+                cell = (f"{f['result']:5s} {f['family']:24s} {f['checks']:4d}  {_fmt(f['worst_rel_err'])}"
+                        f"  {_fmt(f['worst_err_over_bound'], '.2f'):>4s}")
+                if extra:
+                    L.append(f"  {cell}{extra}")
+                    continue
+                pair.append(cell)
+                if len(pair) == 2:
+                    L.append("  " + "   |   ".join(pair))
+                    pair = []
+            if pair:
+                L.append("  " + pair[0])
+        qlora_rows = [r for r in ratio_rows if _is_qlora(r)]
+        ratio_rows = [r for r in ratio_rows if not _is_qlora(r)]
         if ratio_rows:
             h = ratio_rows[0]
             L.append(f"ratios ({h['shape']}, r={h['r']}, {h['dtype']}; ms of nn.Linear, then time / nn.Linear; "
@@ -1558,18 +1694,20 @@ class Driver:
                     f"{_fmt(rr.get(p, {}).get('ratio'), '10.3f')}" for p in provs)
                     + ((f" {_fmt(f32[case].get('ratio'), '.3f'):>6s}({_fmt(f32[case].get('ratio_vs_ours'), '.3f')})"
                         if case in f32 else f" {'-':>13s}") if f32 else "") + f"  <={tgt:.2f}{mark}")
-            if arr_rows:
-                top = max(a.get("m_bucket", 0) for a in arr_rows)
+            dense_arr = [a for a in arr_rows if a.get("weight") != "NF4Tensor"]
+            if dense_arr:
+                top = max(a.get("m_bucket", 0) for a in dense_arr)
                 L.append(f"  auto (M bucket {top}): " + "; ".join(
                     f"{a['pass']}{' p>0' if a.get('dropout') else ''} {a['choice']} (fused "
                     f"{_fmt(a.get('fused_ms'), '.3f')} / split {_fmt(a.get('split_ms'), '.3f')} ms)"
-                    for a in arr_rows if a.get("m_bucket") == top))
+                    for a in dense_arr if a.get("m_bucket") == top))
             mem = [r for r in ratio_rows if r["provider"] in ("ours", "peft", "peft-like") and r["mode"] != "fwd"
                    and r["case"].startswith("fwdbwd-") and "p=" not in r["case"] and FP32A not in r["case"]][:4]
             if mem:
                 L.append("  peak / saved MB: " + "; ".join(f"{r['case'].split()[0][7:]} {r['provider']} "
                                                            f"{r['peak_mb']:.0f}/{r['saved_mb']:.1f}" for r in mem)
                          + ("; numerics ok" if all(r["numerics_ok"] for r in ratio_rows) else "; NUMERICS FAILED"))
+        L += self.qlora_summary(qlora_rows, arr_rows)
         if rsvd_rows:
             h = rsvd_rows[0]
             L.append(f"rsvd (batch {h.get('batch')} x {h.get('m')}x{h.get('n')}, r={h.get('r')}, {h.get('spectrum')}; "
@@ -1640,13 +1778,33 @@ class Driver:
         return L + tail
 
 
+def _is_qlora(row: dict) -> bool:
+    return str(row.get("case", "")).startswith(QLORA)
+
+
+def _qlora_target(rows: List[dict], dry: bool) -> str:
+    """The QLoRA target on the summary: ours-B fwd+bwd >= 1.5x faster than PEFT (+ bitsandbytes where it imports,
+    else the peft-style composition, named), at no more peak memory."""
+    b = next((r for r in rows if r["provider"] == "ours-B" and r["mode"] == "fwdbwd"), None)
+    if b is None:
+        return "target: no ours-B fwd+bwd row (cut or failed)"
+    vs = b["vs"] + ("" if b["vs"] == "peft-bnb" else " (no usable bitsandbytes here)")
+    peak = b.get("peak_vs_peft")
+    text = (f"target ours-B fwd+bwd >= {RATIO_TARGETS[QLORA]:.1f}x faster than {vs} at <= its peak memory: "
+            f"{_fmt(b['speedup_vs_peft'], '.2f')}x" + (f", peak {peak:.2f}x" if isinstance(peak, float) else ""))
+    if dry:
+        return text
+    met = b["speedup_vs_peft"] >= RATIO_TARGETS[QLORA] and isinstance(peak, float) and peak <= 1.0
+    return text + (" met" if met else " MISSED")
+
+
 def _case_family_guess(case: str) -> str:
     """The main family of a correctness case (for cases that were cut or raised before recording a check)."""
     for prefix, fam in (("TMA", "GEMM TMA"), ("pointer", "GEMM pointer"), ("odd", "odd shape (M=1, r=7)"),
                         ("split", "split arrangement"), ("persistent", "persistent grid"),
                         ("dropout", "dropout mask (Philox)"), ("r=256", "r=256"), ("beyond", ">2^31 elements"),
                         ("torch.compile", "torch.compile fullgraph"), ("candidate", "autotune candidates"),
-                        ("shrink", "shrink"), ("token reductions", "dA/dB reductions")):
+                        ("shrink", "shrink"), ("token reductions", "dA/dB reductions"), ("NF4", NF4_FAMILY)):
         if case.startswith(prefix):
             return fam
     return ""

@@ -42,10 +42,64 @@ def test_bench_smoke(tmp_path):
     assert len(written) == len(rows) and written[0]["device"].startswith("cpu")
 
 
+def test_bench_qlora_cpu_smoke(tmp_path):
+    """``--device cpu --qlora`` at tiny shapes: the CPU mode times the PyTorch path, so the interpreter (CI runs under
+    TRITON_INTERPRET=1) is switched off for the call.  Asserted: one row per provider and mode on the one NF4
+    weight, ratios to the floor and the speed-up over PEFT from the same run, per-provider numerics vs float64 on
+    the dequantized W, and what each saves for backward."""
+    from lora_kernels import settings
+
+    bench = _load_bench()
+    n, d_in, d_out, r_ = 37, 64, 48, 4
+    with settings.override(interpret=False):
+        rows = bench.main(["--device", "cpu", "--qlora", "--tokens", str(n), "--d-in", str(d_in), "--d-out",
+                           str(d_out), "--rank", str(r_), "--reps", "15", "--out", str(tmp_path)])
+    bnb = bench.bnb_unusable("cpu") is None  # PEFT + bitsandbytes measured where they import and work
+    floor, peft = "nf4-dequant+linear", "peft-bnb" if bnb else "peft-style"
+    provs = {floor, "peft-style", "ours-AB", "ours-B"} | ({"peft-bnb"} if bnb else set())
+    by = {}
+    for row in rows:
+        by.setdefault((row["dropout"], row["mode"]), {})[row["provider"]] = row
+    assert set(by) == {(0.0, "fwd"), (0.0, "fwdbwd"), (0.1, "fwdbwd")}
+    assert set(by[0.0, "fwd"]) == provs - {"ours-B"}  # in fwd ours-B is ours-AB's very call
+    assert set(by[0.0, "fwdbwd"]) == set(by[0.1, "fwdbwd"]) == provs
+    assert all(row["nf4_from"] == ("bitsandbytes" if bnb else "quantize_nf4") and row["double_quant"] for row in rows)
+    for case in by.values():
+        assert case[floor]["ratio"] == 1.0 and case[peft]["speedup_vs_peft"] == 1.0
+        assert all(row["ratio"] > 0 and row["speedup_vs_peft"] > 0 and row["vs"] == peft and row["peak_mb"] == ""
+                   for row in case.values())
+    # numerics in the same run: every provider at dropout 0, ours also at 0.1 (its mask is reproducible)
+    floor_err = error_floor(torch.float32, d_in + d_out + r_)
+    for (p, mode), case in by.items():
+        for name, row in case.items():
+            checked = name != floor and (p == 0.0 or name.startswith("ours-"))
+            for k in ("y", "dx", "dA", "dB"):
+                if checked and not (k == "dA" and name == "ours-B"):
+                    assert row[f"err_{k}"] <= 2 * row[f"err_torch_{k}"] + floor_err, (name, p, k)
+                else:
+                    assert row[f"err_{k}"] == "", (name, p, k)
+    seed = 8  # the dropout seed, one int64
+    for p in (0.0, 0.1):
+        assert abs(by[p, "fwdbwd"]["ours-B"]["saved_mb"] * 2**20 - (n * r_ * 4 + seed)) < 1  # t only, fp32
+        assert abs(by[p, "fwdbwd"]["ours-AB"]["saved_mb"] * 2**20 - ((n * d_in + n * r_) * 4 + seed)) < 1  # x + t
+        assert by[p, "fwdbwd"][floor]["saved_mb"] == 0  # the codes are held by reference, never a dense W
+    with open(tmp_path / "lora_linear_qlora_cpu_fp32.csv") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and written[0]["device"].startswith("cpu")
+    assert {"ratio", "speedup_vs_peft", "vs", "peak_mb", "saved_mb", "err_y", "err_dx", "err_dA", "err_dB",
+            "err_torch_y"} <= set(written[0])
+
+
 @pytest.mark.gpu
 def test_bench_quick_gpu(tmp_path):
     rows = _load_bench().main(["--quick", "--out", str(tmp_path)])
     assert any(r["provider"] == "ours" for r in rows)
+
+
+@pytest.mark.gpu
+def test_bench_qlora_quick_gpu(tmp_path):
+    rows = _load_bench().main(["--qlora", "--quick", "--out", str(tmp_path)])
+    assert {"ours-B", "ours-B-fused", "ours-B-split", "peft-style"} <= {r["provider"] for r in rows}
 
 
 def _load(name):

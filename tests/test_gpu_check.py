@@ -89,8 +89,18 @@ def test_dry_run_runs_every_stage(tmp_path):
     if stages["correct"]["status"] == "ok":
         with open(tmp_path / "correct_families.csv", newline="") as f:
             fams = list(csv.DictReader(f))
-        assert len(fams) == 14
+        assert len(fams) == 15
         assert all(r["result"] == "PASS" and int(r["checks"]) > 0 for r in fams), fams
+        # the NF4 base: each arrangement x mode AB / B, bf16 and fp32, dropout 0.1, and the path each one took
+        with open(tmp_path / "correct.csv", newline="") as f:
+            nf4 = [r for r in csv.DictReader(f) if r["case"].startswith("NF4")]
+        assert nf4 and all(r["ok"] == "True" for r in nf4), nf4
+        labels = {r["label"] for r in nf4}
+        for dt in ("bfloat16", "float32"):
+            for arrangement in ("fused", "split"):
+                for mode in ("AB", "B"):
+                    assert f"{arrangement} {dt} 37x100->70 r7 {mode} p=0.1" in labels, labels
+                assert f"{dt} {arrangement} path taken" in labels, labels
     if stages["ratios"]["status"] == "ok":
         with open(tmp_path / "ratios.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -102,6 +112,16 @@ def test_dry_run_runs_every_stage(tmp_path):
         assert all(float(r["ratio_vs_ours"]) > 0 and r["adapter_dtype"] == "float32" and r["grad_dtypes_ok"] == "True"
                    for r in f32), f32
         assert any("fp32A(/ours)" in line for line in block), block
+        # QLoRA on the NF4 base: forward and forward+backward, the floor, PEFT (+ bitsandbytes where it imports) or
+        # its composition, ours AB and B; numerics checked; the target line on the summary
+        qlora = [r for r in rows if r["case"].startswith("qlora")]
+        assert {r["mode"] for r in qlora} == {"fwd", "fwdbwd"}, qlora
+        want = {"nf4-dequant+linear", "peft-style", "ours-AB", "ours-B"}
+        assert want <= {r["provider"] for r in qlora if r["mode"] == "fwdbwd"}, qlora
+        assert all(float(r["speedup_vs_peft"]) > 0 for r in qlora)
+        assert any(line.startswith("qlora (") for line in block), block
+        assert any("target ours-B fwd+bwd >= 1.5x faster than peft-" in line and "numerics ok" in line
+                   for line in block), block
     if stages["e2e"]["status"] == "ok":
         with open(tmp_path / "e2e.csv", newline="") as f:
             rows = list(csv.DictReader(f))

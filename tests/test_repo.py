@@ -21,3 +21,20 @@ def test_has_extension_is_a_bool():
     import lora_kernels
 
     assert isinstance(lora_kernels.has_extension(), bool)
+
+
+def test_bench_scripts_run_from_a_plain_checkout():
+    """Every bench script that imports lora_kernels puts the checkout on sys.path first, so a failed or missing
+    install does not stop it with an ImportError."""
+    import glob
+
+    root = ROOT
+    scripts = glob.glob(os.path.join(root, "bench", "*.py")) + glob.glob(os.path.join(root, "bench", "*", "*.py"))
+    for path in scripts:
+        src = open(path, encoding="utf-8").read()
+        first = re.search(r"(?m)^(from lora_kernels|import lora_kernels)", src)
+        if first is None:
+            continue
+        head = src[:first.start()]
+        assert "sys.path[:0]" in head or "sys.path.insert(0, os.path.dirname(os.path.dirname(" in head, (
+            f"{os.path.relpath(path, root)} imports lora_kernels before putting the checkout on sys.path")
