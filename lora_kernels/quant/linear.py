@@ -9,8 +9,9 @@ State (buffers, so ``state_dict`` / ``load_state_dict`` carry them; nothing here
                   absent from the state dict)
   offset          fp32 0-d               the nested scales' offset (0 without double quantization)
   bias            an nn.Parameter with requires_grad=False, in the linear's dtype, or None
-Forward is bitsandbytes' ``Linear4bit.forward``: x cast to ``compute_dtype``, ``F.linear`` with W dequantized to
-``compute_dtype`` (fp32 products, one rounding) and the bias cast to it, the result cast back to x's dtype.
+Forward is bitsandbytes' ``Linear4bit.forward``: x cast to ``compute_dtype``, x Wᵀ + b with W dequantized to
+``compute_dtype`` (fp32 products, one rounding) and the bias cast to it, the result cast back to x's dtype; W is
+dequantized again for dX rather than kept for backward (``_DequantizedLinear``), on the Triton kernel on a GPU.
 
 ``module.to(dtype)`` / ``.half()`` / ``.bfloat16()`` move the quantization state between devices but never change
 its dtype (the codes and fp32 scales are the format); they do cast the bias, and leave ``compute_dtype`` as it is.
@@ -22,13 +23,39 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lora_kernels.quant.nf4 import NF4Tensor, dequantize_nf4_ref, nf4_code
 from lora_kernels.quant.quantize import BLOCKSIZES, NESTED_BLOCKSIZE, dynamic_map, quantize_nf4
 
 _STATE = ("weight", "absmax", "code", "nested_absmax", "nested_code", "offset")  # dtype fixed by the format
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized in the forward and again for dX in the backward, as bitsandbytes' MatMul4Bit
+    does: nothing W-sized is saved for backward (F.linear on a dequantized W would keep it, out·in·2-4 bytes per
+    layer).  The dequantization is ``nf4_weight.dequantize``: the Triton kernel where the kernels serve x, the
+    reference elsewhere.  The codes arrive as tensors (``parts``), the sizes as a constant, so torch.compile traces
+    it."""
+
+    @staticmethod
+    def forward(ctx, x, bias, meta, *parts):
+        from lora_kernels.ops.lora_linear.nf4_weight import NF4Weight
+
+        shape, blocksize, dtype = meta
+        packed, absmax, code, nested_absmax, nested_code, offset = parts
+        q = NF4Tensor(packed, absmax, shape, dtype, blocksize, code, nested_absmax, nested_code,
+                      NESTED_BLOCKSIZE, offset)
+        base = NF4Weight(q)
+        ctx.base, ctx.has_bias, ctx.x_shape = base, bias is not None, x.shape
+        return base.linear(x.reshape(-1, shape[1]), bias).reshape(*x.shape[:-1], shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        g2d = g.reshape(-1, g.shape[-1])
+        dx = ctx.base.grad_input(g2d).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        db = g2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return (dx, db, None) + (None,) * 6
 
 
 class NF4Linear(nn.Module):
@@ -132,7 +159,9 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = self.compute_dtype
         bias = self.bias if self.bias is None or self.bias.dtype == dt else self.bias.to(dt)
-        y = F.linear(x.to(dt), self.dequantize(), bias)
+        q = self.nf4_tensor()
+        parts = (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset)
+        y = _DequantizedLinear.apply(x.to(dt), bias, (q.shape, q.blocksize, dt), *parts)
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):

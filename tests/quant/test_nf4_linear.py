@@ -142,3 +142,24 @@ def test_quantize_model_error_leaves_the_model_as_it_was():
         quantize_model(model, skip="lm_head")
     with pytest.raises(TypeError, match="model is itself an nn.Linear"):
         quantize_model(nn.Linear(4, 4))
+
+
+def test_forward_saves_nothing_weight_sized_and_matches_the_dense_layer():
+    """Like bitsandbytes' MatMul4Bit: W dequantized again for dX instead of being kept; same dX and dbias as
+    F.linear on the dequantized W."""
+    m = NF4Linear.from_linear(torch.nn.Linear(96, 40))
+    m.bias.requires_grad_(True)
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    assert all(t.numel() < 40 * 96 for t in saved), [tuple(t.shape) for t in saved]
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = m.bias.detach().clone().requires_grad_()
+    y2 = torch.nn.functional.linear(x2, m.dequantize(), b2)
+    y2.backward(g)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(m.bias.grad, b2.grad)
