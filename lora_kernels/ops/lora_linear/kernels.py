@@ -40,6 +40,14 @@ Trade-offs taken (docs/design.md has the evidence and the predictions still to m
 import triton
 import triton.language as tl
 
+# The run-time scalars that must not pick a compiled kernel.  Triton specialises an integer argument on its value
+# (1 becomes a constant, a multiple of 16 is marked divisible, < 2³¹ is i32 and i64 above): a dropout seed
+# (0..2⁶²) and threshold (⌊p·2³²⌋) would then recompile every kernel for about one seed in 16 and give small seeds
+# an i32 signature.  So they are ``do_not_specialize`` with a fixed type in the signature (``seed: tl.int64``,
+# ``threshold: tl.uint32``), as is the GEMM's ``M_BUCKET`` (an autotune key only, never read):
+# tests/ops/test_specialization.py checks one compiled kernel per kernel for any seed, threshold and bucket.
+_SEED_ARGS = ("seed", "threshold")
+
 
 @triton.jit
 def _dropout_keep(seed, rows, col_start, ROW_LEN, threshold, BLOCK_C: tl.constexpr):
@@ -60,12 +68,12 @@ def _dropout_keep(seed, rows, col_start, ROW_LEN, threshold, BLOCK_C: tl.constex
     return r >= threshold
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)
 def _dropout_mask_kernel(
     out_ptr,  # [M, K] bool (uint8)
     M, K,
     stride_om, stride_ok,
-    seed, threshold,
+    seed: tl.int64, threshold: tl.uint32,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Materialises the keep mask the other kernels use.  For tests and debugging only."""
@@ -77,7 +85,7 @@ def _dropout_mask_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, keep.to(tl.uint8), mask=msk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)
 def _lora_shrink_kernel(
     x_ptr,  # [M, K]  input rows (x, or g for gB = g B)
     a_ptr,  # [R, K]  down-projection (lora_A, or Bᵀ as a strided view)
@@ -86,7 +94,7 @@ def _lora_shrink_kernel(
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_tm, stride_tr,
-    seed, threshold, out_scale,
+    seed: tl.int64, threshold: tl.uint32, out_scale,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -237,7 +245,7 @@ def _gemm_tile(
                  acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS + ("M_BUCKET",))
 def _lora_gemm_kernel(
     a_ptr,     # [M, K]  x (forward) or g (dgrad)
     w_ptr,     # [K, N]  as strides: Wᵀ (forward) or W (dgrad)
@@ -251,8 +259,8 @@ def _lora_gemm_kernel(
     stride_tm, stride_tr,
     stride_lr, stride_ln,
     stride_cm, stride_cn,
-    seed, threshold,
-    M_BUCKET,  # autotune key only: a new token count in the same bucket does not retune
+    seed: tl.int64, threshold: tl.uint32,
+    M_BUCKET: tl.int32,  # autotune key only: a new token count in the same bucket does not retune
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     EPI_DROPOUT: tl.constexpr,
@@ -270,16 +278,17 @@ def _lora_gemm_kernel(
     """c = a @ w (+ bias) + keep ⊙ (t @ l), fp32 accumulation, BLOCK_M×BLOCK_N output tiles.
 
     The LoRA scale (and 1/(1-p)) is already folded into t by the shrink kernel, so the LoRA term shares the
-    base GEMM's accumulator: no second BLOCK_M×BLOCK_N fp32 tile (that one cost a spill at 128×128 on sm_90).
+    base GEMM's accumulator: no second BLOCK_M×BLOCK_N fp32 tile (that one cost a 64 B spill at 128×128 on sm_90).
     keep[m, n] is the dropout mask at (m, n) of the M×N output (EPI_DROPOUT, used by dgrad, where the output
     is N_tokens × in, the same index space as the forward's x).  With the mask, the short LoRA product is
     computed first and masked, so the Philox registers are dead before the main loop starts.
 
     USE_TMA: the main loop and the store go through tensor descriptors (the copy engine computes addresses
-    and zero-fills out-of-bounds rows, so no masks): 154 registers and no spill at 128×256 on sm_90, where
-    pointer loads need 255 registers and a 544-byte stack.  Needs unit inner strides and 16-byte aligned
-    rows (the launcher checks).  W_NK: w's memory is [N, K] with unit stride along K (forward: W itself),
-    so its tile is loaded as [BLOCK_N, BLOCK_K] and transposed; otherwise it is [K, N] (dgrad).
+    and zero-fills out-of-bounds rows, so no masks): 168 registers and no spill at 128×256 on sm_90 (LLaMA-7B
+    shapes), where pointer loads take 188 registers on the same aligned operands and spill 904 B on unaligned ones.
+    Needs unit inner strides and 16-byte aligned rows (the launcher checks).  W_NK: w's memory is [N, K] with unit
+    stride along K (forward: W itself), so its tile is loaded as [BLOCK_N, BLOCK_K] and transposed; otherwise it is
+    [K, N] (dgrad).
 
     PERSISTENT: the grid is at most one program per SM and each program walks the tiles
     pid, pid + grid, ... (grouped order), so one tile's epilogue and TMA store overlap the next tile's
@@ -311,7 +320,8 @@ def _lora_gemm_kernel(
         w_desc = 0
         c_desc = 0
     # The tile body is called twice on purpose: wrapping the one-tile form in a one-trip loop (so that one call
-    # serves both) changed its sm_90 code -- +32 KiB of shared memory for the TMA tiles, an 8 B spill in fp32.
+    # serves both) changed its sm_90 code -- +32 KiB of shared memory for the TMA tiles, an 8 B spill in fp32 (first
+    # sm_90 report, every integer argument compiled as i32).
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -332,7 +342,7 @@ def _lora_gemm_kernel(
                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)
 def _lora_wgrad_kernel(
     l_ptr,  # [M, P]  left rows (x for dAᵀ, g for dB)
     r_ptr,  # [M, Q]  right rows (gB' for dAᵀ, t' for dB)
@@ -341,7 +351,7 @@ def _lora_wgrad_kernel(
     stride_lm, stride_lp,
     stride_rm, stride_rq,
     stride_cs, stride_cp, stride_cq,
-    seed, threshold,
+    seed: tl.int64, threshold: tl.uint32,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,

@@ -126,7 +126,7 @@ def _ensure_tma_allocator() -> None:
 
 
 def _use_tma(a2d, w, c) -> bool:
-    # 16-bit only: IEEE fp32 runs on the FMA units, where the transposed TMA tile spilled 264 B (sm_90 report).
+    # 16-bit only: IEEE fp32 runs on the FMA units, where the transposed TMA tile spills 272 B (sm_90 report).
     if (not settings.get().tma or a2d.dtype not in (torch.float16, torch.bfloat16)
             or not _tma_aligned(a2d, w, c)):
         return False

@@ -27,7 +27,7 @@ arrangement (decode once, cuBLAS) is expected to win and at small ones the fused
 import triton
 import triton.language as tl
 
-from lora_kernels.ops.lora_linear.kernels import _dropout_keep, _masked_dot_loop, _tile_coords
+from lora_kernels.ops.lora_linear.kernels import _SEED_ARGS, _dropout_keep, _masked_dot_loop, _tile_coords
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _nf4_dequant_kernel(
         tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)  # one compiled kernel for every seed: see kernels._SEED_ARGS
 def _lora_nf4_gemm_kernel(
     a_ptr,      # [M, K]  x (forward) or g (dgrad)
     q_ptr,      # packed W codes (uint8), read through stride_wk / stride_wn in elements
@@ -94,7 +94,7 @@ def _lora_nf4_gemm_kernel(
     stride_tm, stride_tr,
     stride_lr, stride_ln,
     stride_cm, stride_cn,
-    seed, threshold,
+    seed: tl.int64, threshold: tl.uint32,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EPI_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_UPCAST: tl.constexpr, LORA_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,

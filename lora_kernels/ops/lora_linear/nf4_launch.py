@@ -14,10 +14,12 @@ from lora_kernels.ops.lora_linear.nf4_kernels import _lora_nf4_gemm_kernel, _nf4
 from lora_kernels.quant.nf4 import NF4Tensor
 
 _DEQUANT_BLOCK = 1024
-# One tile per program, pointer loads, the W tile decoded in registers each K step.  Offline sm_90 report (all
-# integer arguments as i32): 128×128×32 / 8 warps / 3 stages compiles to 255 registers with 0-24 B of stack and
-# wgmma; BLOCK_K = 64 with 3 stages spilled more, 64×128 with 4 warps 88-568 B.  fp32 (FMA units): the dense fp32
-# tile with one stage (two stages spilled 736 B and more).  Unmeasured on a GPU: docs/design.md, "QLoRA".
+# One tile per program, pointer loads, the W tile decoded in registers each K step.  Offline sm_90 report (the JIT's
+# specialisation, LLaMA-7B shapes): 128×128×32 / 8 warps / 3 stages compiles to 197-255 registers, no stack, wgmma,
+# 96 KiB of shared memory (8 B of stack at most on unaligned shapes).  Against it: BLOCK_K = 64 spills 64 B in the
+# masked dgrad (312 B unaligned), 64×128 with 4 warps 24 B (80-88 B unaligned), 2 stages 56 B unaligned, 4 stages
+# spill nothing more but take 139 KiB.  fp32 (FMA units): the dense fp32 tile with one stage, 16 B at most (two or
+# three stages spill 536-640 B, up to 3 KB unaligned).  Unmeasured on a GPU: docs/design.md, "QLoRA".
 _PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 _PINNED_GPU_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
 _PINNED_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
