@@ -697,13 +697,7 @@ def run_qlora(shapes, n: int, r: int, dropouts, dtype, device, out_dir: Optional
         for p in dropouts:
             if not budget.allows(f"{shape.name} N={n} r={r} p={p}"):
                 continue
-            torch.manual_seed(0)
-            case = build_qlora_case(shape, n, r, p, dtype, device)
-            if case.bnb_note:
-                print(f"# {case.bnb_note}; the speed-up is over peft-style")
-            provs = qlora_providers(case, variants if device == "cuda" else ())
-            numerics = check_qlora_numerics(case, provs)
-            _print_qlora_numerics(case, numerics)
+            case, provs, numerics = _qlora_case(shape, n, r, p, dtype, device, variants if device == "cuda" else ())
             case_rows = []
             for mode in QLORA_MODES:
                 if mode == "fwd" and p > 0:
@@ -733,6 +727,19 @@ def run_qlora(shapes, n: int, r: int, dropouts, dtype, device, out_dir: Optional
     return rows
 
 
+def _qlora_case(shape, n: int, r: int, p: float, dtype, device, variants):
+    """(case, providers, numerics) of one QLoRA configuration: weights drawn from seed 0, the numerics checked in
+    the same run, before any timing."""
+    torch.manual_seed(0)
+    case = build_qlora_case(shape, n, r, p, dtype, device)
+    if case.bnb_note:
+        print(f"# {case.bnb_note}; the speed-up is over peft-style")
+    provs = qlora_providers(case, variants)
+    numerics = check_qlora_numerics(case, provs)
+    _print_qlora_numerics(case, numerics)
+    return case, provs, numerics
+
+
 def run_qlora_cpu(n: int, d_in: int, d_out: int, r: int, dropouts, dtype, reps: int, out_dir: Optional[str],
                   tag: str) -> List[dict]:
     """The QLoRA table on CPU (the PyTorch path): providers interleaved as ``run_cpu`` times them; ``ratio`` and
@@ -744,13 +751,7 @@ def run_qlora_cpu(n: int, d_in: int, d_out: int, r: int, dropouts, dtype, reps: 
     rows: List[dict] = []
     csv_path = os.path.join(out_dir, f"lora_linear_{tag}.csv") if out_dir else None
     for p in dropouts:
-        torch.manual_seed(0)
-        case = build_qlora_case(shape, n, r, p, dtype, "cpu")
-        if case.bnb_note:
-            print(f"# {case.bnb_note}; the speed-up is over peft-style")
-        provs = qlora_providers(case)
-        numerics = check_qlora_numerics(case, provs)
-        _print_qlora_numerics(case, numerics)
+        case, provs, numerics = _qlora_case(shape, n, r, p, dtype, "cpu", ())
         case_rows = []
         for mode in QLORA_MODES:
             if mode == "fwd" and p > 0:

@@ -217,18 +217,27 @@ def _fast_operands(self, x):
 
 
 def _nf4_operands(self, x, base, a, b, scale, p):
-    """The fast path's operands for PEFT's bitsandbytes 4-bit layer: x cast to the base's compute dtype (as
-    ``Linear4bit.forward`` does), W the layer's own codes (``NF4Tensor``: no copy, no device sync), y cast back to
-    x's dtype.  PEFT rounds the LoRA
-    term to the result's dtype before adding it; the op adds in fp32 and rounds once (≤ 1 ulp of that dtype apart).
-    Under autocast PEFT's forward runs (bitsandbytes keeps its compute dtype there, the LoRA branch autocasts)."""
+    """The fast path's operands for PEFT's bitsandbytes 4-bit layer: x in the base's compute dtype, W the layer's
+    own codes (``NF4Tensor``: no copy, no device sync).  PEFT rounds the LoRA term to the result's dtype before adding
+    it; the op adds in fp32 and rounds once (≤ 1 ulp of that dtype apart).
+
+    PEFT's forward runs instead when x's dtype is not the compute dtype (e.g. fp32 hidden states from
+    ``prepare_model_for_kbit_training`` on a bf16 compute dtype): bitsandbytes rounds x for the base product only,
+    and PEFT runs the LoRA branch on x itself, which one op on one x cannot reproduce; also before bitsandbytes has
+    fixed its compute dtype (a layer built without one takes x's on its first call), and under autocast
+    (bitsandbytes keeps its compute dtype there, the LoRA branch autocasts)."""
     if not all(_is_plain(t) for t in (base.bias, a, b)) or not isinstance(x, torch.Tensor) or not _is_plain(x):
         return "an operand is not a plain float tensor"
     if x.dim() < 1 or x.numel() == 0:
         return "its input is empty"
     if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         return "autocast is on with a 4-bit base"
+    if not getattr(base, "compute_type_is_set", True):
+        return "bitsandbytes has not fixed the 4-bit base's compute dtype yet (its first call does)"
     q = nf4_from_bnb(base)
+    if x.dtype != q.dtype:
+        return (f"x is {str(x.dtype).replace('torch.', '')} but the 4-bit base computes in "
+                f"{str(q.dtype).replace('torch.', '')} (PEFT runs the LoRA branch on x itself)")
     dev = x.device
     if any(t.device != dev for t in (a, b) + ((base.bias,) if base.bias is not None else ())) or q.device != dev:
         return "its operands are on different devices"
@@ -237,8 +246,7 @@ def _nf4_operands(self, x, base, a, b, scale, p):
                 f"{str(q.dtype).replace('torch.', '')}); lora_linear takes lora_A, lora_B in the compute dtype or "
                 f"float32 on a 16-bit one")
     bias = base.bias if base.bias is None or base.bias.dtype == q.dtype else base.bias.to(q.dtype)
-    xc = x if x.dtype == q.dtype else x.to(q.dtype)
-    return (xc, q, bias, a, b, scale, p), (x.dtype if x.dtype != q.dtype else None)
+    return (x, q, bias, a, b, scale, p), None
 
 
 def _adapter_dtype_ok(adapter: torch.dtype, base: torch.dtype) -> bool:

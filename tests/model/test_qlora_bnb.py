@@ -1,6 +1,7 @@
 """QLoRA interop with bitsandbytes and PEFT (skipped without bitsandbytes): our layers on a bitsandbytes 4-bit model,
 adapter files both ways with PEFT's QLoRA layers, and ``patch_peft`` on PEFT's ``lora.Linear4bit``."""
 
+import contextlib
 import copy
 
 import pytest
@@ -9,17 +10,17 @@ import torch.nn as nn
 
 from lora_kernels import (FusedLoRALinear, FusedLoRALinear4bit, inject_lora, is_peft_patched, load_adapter,
                           lora_layers, patch_peft, save_adapter)
-from tests.helpers import bnb_linear4bit, tiny_llama
+from tests.helpers import assert_matches_reference, bnb_linear4bit, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 
-def bnb_llama():
+def bnb_llama(dtype=torch.float32):
     """tiny_llama with every in_features a multiple of the blocksize: bitsandbytes 0.50's native CPU dequantization
     indexes the block scales per row, which disagrees with its own quantizer (and its CUDA and pure-PyTorch
     kernels, and ours) when the flat blocks straddle rows (``test_bnb_cpu_kernel_differs_across_rows``)."""
-    return tiny_llama(intermediate=128)
+    return tiny_llama(dtype=dtype, intermediate=128)
 
 
 def bnb_quantize(model, compute_dtype=torch.float32, double_quant=True):
@@ -71,25 +72,77 @@ def test_peft_qlora_adapter_loads_into_ours_and_back(tmp_path):
     torch.testing.assert_close(back(IDS).logits, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_patch_peft_serves_peft_qlora_layers(compute_dtype):
-    model = _peft_qlora(bnb_quantize(bnb_llama(), compute_dtype=compute_dtype))
-    model.train()
-    want = model(IDS, labels=IDS)
-    want.loss.backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+def _loss_and_grads(model):
+    out = model(IDS, labels=IDS)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_peft_serves_peft_qlora_layers(dtype):
+    """Patched PEFT QLoRA layers (model and compute dtype ``dtype``, fp32 adapters as PEFT's default) against PEFT's
+    own forward, logits and LoRA gradients.  fp32: summation order only.  bf16: both judged against the same model
+    in fp32 (the same codes and adapters), ours within 2 × PEFT's own error + ``error_floor`` (PEFT rounds the LoRA
+    term to bf16 before adding it, the op rounds once; under the interpreter its bf16 stores truncate)."""
+    model = _peft_qlora(bnb_quantize(bnb_llama(dtype=dtype), compute_dtype=dtype)).train()
+    want, want_grads = _loss_and_grads(model)
     patch_peft(model)
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
     assert len(layers) == 14 and all(is_peft_patched(m) for m in layers)
-    got = model(IDS, labels=IDS)
-    got.loss.backward()
-    # fp32: summation order only; bf16: PEFT rounds the LoRA term to bf16 before adding it, the op rounds once.
-    tol = dict(rtol=1e-4, atol=1e-4) if compute_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got.logits, want.logits, **tol)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, want_grads[n], **tol)
+    calls = []
+    with _counting_lora_linear(calls):
+        got, got_grads = _loss_and_grads(model)
+    assert len(calls) == 14, "every layer must take the fast path"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for n, g in got_grads.items():
+            torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-4)
+        return
+    # The bf16 weights in fp32: bitsandbytes quantizes in fp32, so the codes and scales are the bf16 model's.
+    ref_model = _peft_qlora(bnb_quantize(bnb_llama(dtype=dtype).float(), compute_dtype=torch.float32)).train()
+    with torch.no_grad():
+        lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        for n, p in ref_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(lora[n])
+    ref, ref_grads = _loss_and_grads(ref_model)
+    k = 64 + 128 + 4  # the longest reduction on a layer's path: in + out + r
+    assert_matches_reference(got, want, ref, k, "logits")
+    # All LoRA gradients as one vector: per tensor, the first layers' gradients pass back through two bf16 attention
+    # blocks, where two different bf16 roundings of the same network differ by 3-8% on small tensors either way.
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in sorted(grads)])  # noqa: E731
+    assert_matches_reference(flat(got_grads), flat(want_grads), flat(ref_grads), k, "LoRA gradients")
+
+
+def test_patch_peft_leaves_a_wider_x_to_peft():
+    """fp32 hidden states on a bf16 compute dtype (prepare_model_for_kbit_training's setup): PEFT runs the LoRA
+    branch on the fp32 x, which the op cannot; the patched layer runs PEFT's forward, so the outputs are PEFT's."""
+    model = _peft_qlora(bnb_quantize(bnb_llama(), compute_dtype=torch.bfloat16)).train()
+    want, _ = _loss_and_grads(model)
+    patch_peft(model)
+    calls = []
+    with _counting_lora_linear(calls):
+        got, _ = _loss_and_grads(model)
+    assert not calls and torch.equal(got, want)
+
+
+@contextlib.contextmanager
+def _counting_lora_linear(calls):
+    from lora_kernels.ops.lora_linear import function
+
+    real = function.lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    function.lora_linear = counting
+    try:
+        yield
+    finally:
+        function.lora_linear = real
 
 
 def test_from_linear_accepts_a_bitsandbytes_layer_and_reads_it_in_place():
