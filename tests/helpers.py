@@ -144,23 +144,25 @@ def philox4x32(seed, c0, c1, c2, c3, n_rounds=10):
 
 
 def dropout_threshold(p):
-    """⌊p·2³²⌋ clamped to 2³²−1: an element is kept iff its 32-bit draw is ≥ this (P(keep) = 1 − p)."""
-    return min(int(p * 2.0**32), 2**32 - 1)
+    """⌊p·2¹⁶⌋ clamped to 2¹⁶−1: an element is kept iff its 16-bit draw is ≥ this (P(keep) = 1 − p up to 2⁻¹⁶)."""
+    return min(int(p * 65536.0), 65535)
 
 
 def philox_keep_mask(seed, shape, p, row_len=None):
     """The kernels' keep mask (``_dropout_keep``) of an n×k input, True = kept.
 
-    One Philox call per 4 adjacent columns: element (i, j) uses the int64 counter i·⌈K/4⌉ + ⌊j/4⌋ split into
-    c0 = its low and c1 = its high 32 bits (c2 = c3 = 0), and output lane j mod 4 (r0, r1, r2, r3 for columns
-    4q..4q+3).  ``row_len`` is K in that formula (default k; a larger value emulates a row of that length)."""
+    One Philox call per 8 adjacent columns: element (i, j) uses the int64 counter i·⌈K/8⌉ + ⌊j/8⌋ split into
+    c0 = its low and c1 = its high 32 bits (c2 = c3 = 0), and 16 bits of its output: lane l = j mod 8 takes the low
+    (l even) or high (l odd) half of r_(l // 2).  ``row_len`` is K in that formula (default k; a larger value
+    emulates a row of that length)."""
     n, k = shape
-    per_row = -(-(k if row_len is None else row_len) // 4)
-    groups = -(-k // 4)
+    per_row = -(-(k if row_len is None else row_len) // 8)
+    groups = -(-k // 8)
     counter = (np.arange(n, dtype=np.uint64)[:, None] * np.uint64(per_row)
                + np.arange(groups, dtype=np.uint64)[None, :])
     lanes = philox4x32(seed, counter & _M32, counter >> np.uint64(32), 0, 0)
-    draws = np.stack(lanes, axis=-1).reshape(n, 4 * groups)[:, :k]
+    halves = [h for r in lanes for h in (r & np.uint64(0xFFFF), r >> np.uint64(16))]
+    draws = np.stack(halves, axis=-1).reshape(n, 8 * groups)[:, :k]
     return draws >= np.uint64(dropout_threshold(p))
 
 

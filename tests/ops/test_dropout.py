@@ -1,7 +1,7 @@
 """Dropout: the mask a seed stands for, on each backend, and that every pass of a call uses it.
 
 The kernels' mask is checked bit for bit against ``tests.helpers.philox_keep_mask``, a numpy rebuild of its
-definition (Philox4x32-10 as in ``tl.philox``, one call per 4 adjacent columns), which is itself checked against
+definition (Philox4x32-10 as in ``tl.philox``, one call per 8 adjacent columns), which is itself checked against
 the published Philox known-answer vectors.  The PyTorch path's mask comes from torch's generator (another mask,
 same distribution); ``dropout_mask(..., dtype=, r=)`` must name whichever mask the call it describes draws.
 """
@@ -96,15 +96,17 @@ def test_kernel_mask_matches_numpy_philox(kernels, seed, shape):
 
 
 def test_numpy_reference_would_see_a_wrong_layout(kernels):
-    """The comparison above is sharp: a row stride of ⌊k/4⌋ instead of ⌈k/4⌉, lanes in another order, or another
+    """The comparison above is sharp: a row stride of ⌊k/8⌋ instead of ⌈k/8⌉, lanes in another order, or another
     threshold each give a different mask."""
     seed, (n, k), p = 2**32 + 5, (33, 50), 0.5
     got = dropout_mask(seed, (n, k), p, "cpu").numpy()
-    assert not np.array_equal(got, philox_keep_mask(seed, (n, k), p, row_len=k - k % 4))
-    groups = -(-k // 4)
+    assert not np.array_equal(got, philox_keep_mask(seed, (n, k), p, row_len=k - k % 8))
+    groups = -(-k // 8)
     counter = np.arange(n, dtype=np.uint64)[:, None] * np.uint64(groups) + np.arange(groups, dtype=np.uint64)
     r0, r1, r2, r3 = philox4x32(seed, counter & np.uint64(0xFFFFFFFF), counter >> np.uint64(32), 0, 0)
-    swapped = np.stack([r0, r2, r1, r3], axis=-1).reshape(n, 4 * groups)[:, :k]
+    lo, hi = (lambda r: r & np.uint64(0xFFFF)), (lambda r: r >> np.uint64(16))
+    swapped = np.stack([lo(r0), lo(r1), lo(r2), lo(r3), hi(r0), hi(r1), hi(r2), hi(r3)],  # halves in another order
+                       axis=-1).reshape(n, 8 * groups)[:, :k]
     assert not np.array_equal(got, swapped >= np.uint64(dropout_threshold(p)))
     assert not np.array_equal(got, philox_keep_mask(seed, (n, k), 0.45))
 

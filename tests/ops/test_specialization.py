@@ -48,7 +48,7 @@ from lora_kernels.ops.lora_linear import kernels, nf4_kernels, tuning
 backend = triton.compiler.make_backend(GPUTarget("cuda", 90, 32))
 rng = random.Random(0)
 SEEDS = [0, 1, 16, 2**31 - 1, 2**31 + 5, 2**32, 2**62 - 1] + [rng.randrange(2**62) for _ in range(20)]
-THRESHOLDS = [0, int(0.1 * 2**32), 2**31, 2**32 - 1]
+THRESHOLDS = [0, int(0.1 * 2**16), 2**15, 2**16 - 1]  # ⌊p·2¹⁶⌋
 BUCKETS = [0, 1, 2, 16, 17, 256]
 bf16 = lambda: torch.empty(64, dtype=torch.bfloat16)
 f32 = lambda: torch.empty(64, dtype=torch.float32)
@@ -120,7 +120,7 @@ flags = {k: v for k, v in flags.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOC
                                                       "num_warps", "num_stages")}
 for seed in SEEDS[:8]:
     for bucket in (1, 16, 256):
-        tuned.run(*args, seed, int(0.1 * 2**32), bucket, grid=lambda meta: (1,), warmup=False, **flags)
+        tuned.run(*args, seed, int(0.1 * 2**16), bucket, grid=lambda meta: (1,), warmup=False, **flags)
 out["autotuned"] = dict(configs=len(seen), keys=max(len(v) for v in seen.values()))
 print(json.dumps(out))
 """

@@ -19,7 +19,8 @@ Dropout
 -------
 The keep decision for element (i, k) of the logical N×in input comes from Philox keyed by the seed, with the int64
 linear index fed as two 32-bit counter words (so it works past 2³¹ elements with no 64-bit multiplies), one call
-per 4 adjacent columns.  Forward, dX and dA call ``_dropout_keep`` with the same seed, so they see the same mask;
+per 8 adjacent columns (16 bits per keep decision).  Forward, dX and dA call ``_dropout_keep`` with the same seed, so
+they see the same mask;
 nothing mask-sized is stored: backward keeps the seed, a CPU int64 scalar tensor.
 
 Trade-offs taken (docs/design.md has the evidence and the predictions still to measure on a GPU)
@@ -42,7 +43,7 @@ import triton.language as tl
 
 # The run-time scalars that must not pick a compiled kernel.  Triton specialises an integer argument on its value
 # (1 becomes a constant, a multiple of 16 is marked divisible, < 2³¹ is i32 and i64 above): a dropout seed
-# (0..2⁶²) and threshold (⌊p·2³²⌋) would then recompile every kernel for about one seed in 16 and give small seeds
+# (0..2⁶²) and threshold (⌊p·2¹⁶⌋) would then recompile every kernel for about one seed in 16 and give small seeds
 # an i32 signature.  So they are ``do_not_specialize`` with a fixed type in the signature (``seed: tl.int64``,
 # ``threshold: tl.uint32``), as is the GEMM's ``M_BUCKET`` (an autotune key only, never read):
 # tests/ops/test_specialization.py checks one compiled kernel per kernel for any seed, threshold and bucket.
@@ -53,19 +54,27 @@ _SEED_ARGS = ("seed", "threshold")
 def _dropout_keep(seed, rows, col_start, ROW_LEN, threshold, BLOCK_C: tl.constexpr):
     """Keep mask [len(rows), BLOCK_C] for columns col_start + [0, BLOCK_C) of a matrix with ROW_LEN columns.
 
-    One Philox call per 4 adjacent columns (its four 32-bit outputs are the four lanes): element (i, k) uses
-    counter i·⌈ROW_LEN/4⌉ + ⌊k/4⌋ and lane k mod 4.  col_start must be a multiple of 4 (every tile width
-    is ≥ 16).  rows: int64 vector.  threshold: ⌊p·2³²⌋ as uint32, so P(keep) = 1 - threshold / 2³².
+    One Philox call per 8 adjacent columns, 16 bits of its 128-bit output per element: element (i, k) uses counter
+    i·⌈ROW_LEN/8⌉ + ⌊k/8⌋ and, for lane l = k mod 8, bits 16·(l mod 2) .. +15 of output r_(l // 2) -- the lanes in
+    the order lo(r0), hi(r0), lo(r1), hi(r1), ..., hi(r3).  col_start must be a multiple of 8 (every tile width is
+    ≥ 16).  rows: int64 vector.  threshold: ⌊p·2¹⁶⌋ (< 2¹⁶), so P(keep) = 1 - threshold / 2¹⁶: p is resolved to
+    2⁻¹⁶.  Half the Philox calls of one 32-bit draw per element (Philox is ~85 SASS instructions per call, and the
+    mask is drawn three times per step: shrink, masked dgrad, dA).
     """
-    cols4 = col_start // 4 + tl.arange(0, BLOCK_C // 4).to(tl.int64)
-    offs = rows[:, None] * ((ROW_LEN + 3) // 4) + cols4[None, :]
+    cols8 = col_start // 8 + tl.arange(0, BLOCK_C // 8).to(tl.int64)
+    offs = rows[:, None] * ((ROW_LEN + 7) // 8) + cols8[None, :]
     c0 = (offs & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((offs >> 32) & 0xFFFFFFFF).to(tl.uint32)
     zero = tl.zeros_like(c0)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
-    # [BR, BC/4, 2, 2] -> [BR, BC] in the order r0, r1, r2, r3 along each group of 4 columns
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_C))
-    return r >= threshold
+    # 16-bit halves compared in place (the low half shifted up, so both compare against threshold << 16 with no mask)
+    t = threshold << 16
+    lo0, lo1, lo2, lo3 = (r0 << 16) >= t, (r1 << 16) >= t, (r2 << 16) >= t, (r3 << 16) >= t
+    hi0, hi1, hi2, hi3 = r0 >= t, r1 >= t, r2 >= t, r3 >= t
+    # [BR, BC/8, 2, 2, 2] -> [BR, BC] in the order lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 along each group of 8
+    lows = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    highs = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    return tl.reshape(tl.join(lows, highs), (rows.shape[0], BLOCK_C))
 
 
 @triton.jit(do_not_specialize=_SEED_ARGS)

@@ -39,7 +39,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _dropout_threshold(p: float) -> int:
-    return min(int(p * 2.0**32), 2**32 - 1)
+    """⌊p·2¹⁶⌋ clamped to 2¹⁶ − 1: ``_dropout_keep`` keeps an element whose 16-bit draw is ≥ this."""
+    return min(int(p * 65536.0), 65535)
 
 
 def _dot_flags(dtype: torch.dtype, other: Optional[torch.dtype] = None) -> dict:
