@@ -47,9 +47,10 @@ The C++/CUDA extension (``python3 -m pip install --no-build-isolation --no-deps 
 this GPU, MAX_JOBS=4) builds in the background while the correct stage runs; the driver waits for it (bounded)
 before the rsvd stage, whose child then imports the fresh lora_kernels._C (the Jacobi solver's first GPU run).
 
---warm-cache DIR: use DIR as Triton's cache (TRITON_CACHE_DIR), e.g. one shipped with the command; the log and
-summary say how many files it held before and after and how many kernels each stage found in it (cache hits) or
-compiled (misses), from Triton's compilation listener.
+--warm-cache DIR: use DIR as Triton's cache (TRITON_CACHE_DIR), e.g. one built offline by
+bench/warm_triton_cache.py and shipped with the command; the log and summary say how many files it held before and
+after and how many kernels each stage found in it (cache hits) or compiled (misses), from Triton's compilation
+listener, and, where DIR holds the builder's manifest.json, whether this machine's Triton fingerprint matches it.
 --dry-run: tiny shapes on the CPU, every stage's code path, Triton kernels in the interpreter (TRITON_INTERPRET=1
 is set for the children unless already set), perf_counter medians instead of do_bench, no extension build.
 
@@ -277,6 +278,7 @@ DRY_MODE_PS = [("AB", 0.0), ("B", 0.1), ("A", 0.1)]  # the dry run: every mode, 
 def _sizes(dry: bool) -> dict:
     if dry:
         return dict(aligned=(64, 64, 64, 16), odd=[(1, 37, 45, 7), (19, 37, 45, 7)], nf4=[(37, 100, 70, 7)],
+                    modes=DRY_MODE_PS,
                     r256=(33, 64, 48, 256),
                     cand=(100, 64, 80, 16), big=(64, 16, 4), big_n=4096 // 64 + 10, mask_d=24, mask_n=50,
                     mask_shapes=(((51, 100), 0.3), ((7, 13), 0.5)), device="cpu")
@@ -285,7 +287,7 @@ def _sizes(dry: bool) -> dict:
     # nf4: in_features 100 (blocks of 64 and bytes straddle rows), then 1001 (odd: a byte holds the end of one row
     # and the start of the next, the last byte is padded) over several tiles; one specialization, one compile.
     return dict(aligned=(2048, 4096, 4096, 16), odd=[(1, 1001, 1003, 7), (333, 1001, 1003, 7)],
-                nf4=[(37, 100, 70, 7), (333, 1001, 1003, 7)],
+                nf4=[(37, 100, 70, 7), (333, 1001, 1003, 7)], modes=MODE_PS,
                 r256=(4096, 512, 512, 256), cand=(4000, 2048, 4112, 16), big=(2048, 64, 8),
                 big_n=2**31 // 2048 + 1000, mask_d=128, mask_n=1000,
                 mask_shapes=(((513, 1000), 0.3), ((7, 13), 0.5), ((33, 50), 0.1), ((64, 130), 0.9)), device="cuda")
@@ -348,7 +350,7 @@ def _paths(chk, sz, dtype, fams, shapes, ctx=None, modes=None) -> None:
     the path the family names (launch._use_tma wrapped, as tests/ops/test_arrangement.py does)."""
     from lora_kernels.ops.lora_linear import launch
 
-    modes = modes or (DRY_MODE_PS if sz["device"] == "cpu" else MODE_PS)
+    modes = modes or sz["modes"]
     paths: List[bool] = []
     orig = launch._use_tma
     launch._use_tma = lambda *a: paths.append(orig(*a)) or paths[-1]
@@ -1246,6 +1248,7 @@ class Driver:
         import torch  # noqa: F401  (after TRITON_CACHE_DIR / TRITON_INTERPRET / CUDA_VISIBLE_DEVICES are set)
 
         say(f"  import torch: {time.time() - ti:.1f} s")
+        self.warm_cache_check(say)
         try:
             if not self.dry and not torch.cuda.is_available() and set(self.stages) - {"env"}:
                 say("no CUDA device: the stages other than env need one (use --dry-run for a CPU run of the script)")
@@ -1357,6 +1360,32 @@ class Driver:
             notes.append(f"worker exit codes {crashed}")
         return dict(status=status, records=recs, results=results, cut=cut, skipped=skipped, compile=comp,
                     note=" | ".join(notes), killed=killed)
+
+    def warm_cache_check(self, say: Log) -> None:
+        """A cache built offline by bench/warm_triton_cache.py holds its manifest: say whether this machine's Triton
+        fingerprint (the machine's part of every cache key) equals the one it was built with."""
+        path = os.path.join(self.cache["dir"], "manifest.json")
+        if not os.path.isfile(path):
+            return
+        try:
+            import torch
+
+            import warm_triton_cache as WC
+
+            with open(path) as f:
+                built = json.load(f)
+            cap = 90
+            if not self.dry and torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability(0)
+                cap = 10 * major + minor
+            match, line = WC.compare_fingerprints(built.get("fingerprint", {}), WC.fingerprint(cap))
+            self.cache.update(built=f"{built.get('commit', '?')} {built.get('date', '?')}", fingerprint_match=match,
+                              built_kernels=built.get("compiled", 0) + built.get("already", 0))
+            say(f"  warm cache built by bench/warm_triton_cache.py at {self.cache['built']} "
+                f"({self.cache['built_kernels']} kernels for sm_{built.get('capability')}): {line}")
+        except Exception as exc:  # informative only: never the reason a GPU window is lost
+            self.cache.update(fingerprint_match=None)
+            say(f"  warm cache manifest unreadable ({type(exc).__name__}: {exc})")
 
     def stage_env(self, say: Log, t0: float) -> None:
         import torch
@@ -1766,7 +1795,10 @@ class Driver:
         tail = [f"triton cache {c['dir']}{' (--warm-cache)' if c['warm_cache_option'] else ''}: {c['before']} files "
                 f"before, {c.get('after', '?')} after; {sum(x['misses'] for x in comp)} kernels compiled "
                 f"({sum(x['seconds'] for x in comp):.0f} s), {sum(x['hits'] for x in comp)} found in the cache"
-                + (" (interpreter: nothing compiles)" if dry else "")]
+                + (" (interpreter: nothing compiles)" if dry else "")
+                + ({True: "; offline build's fingerprint matches", False: "; offline build's fingerprint DIFFERS",
+                    None: "; offline manifest unreadable"}.get(c["fingerprint_match"], "")
+                   if "fingerprint_match" in c else "")]
         cut = [s for s in self.stages if self.results.get(s, {}).get("status") == "cut"]
         verdict = "NOT RUN (no CUDA device; --dry-run runs on the CPU)" if self.no_cuda else (
             "PASS" if rc == 0 else "FAIL")
