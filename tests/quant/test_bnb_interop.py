@@ -184,7 +184,7 @@ def test_eval_forward_on_cpu_repacks_and_is_then_refused(bnb):
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
     (torch.float16, torch.float16)])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_forward_matches_bnb_linear4bit(compute_dtype, x_dtype, double_quant):
+def test_forward_matches_bnb_linear4bit(bnb, compute_dtype, x_dtype, double_quant):
     """Both decode W to the compute dtype with the same bits (tested above) and call F.linear on the same x and
     bias, so they agree exactly here; the bound leaves room only for a BLAS that picks its kernel by memory
     alignment: one rounding of the compute dtype plus fp32 accumulation-order noise over in_features
