@@ -93,6 +93,7 @@ SHARE = {"env": 10, "correct": 150, "ratios": 120, "rsvd": 60, "e2e": 90}
 RESERVE = 20
 MIN_START = {"env": 0, "correct": 15, "ratios": 20, "rsvd": 15, "e2e": 30}  # don't start a stage with less
 KILL_GRACE = 3.0   # SIGTERM, then SIGKILL after this many seconds
+_CUDA_RUNTIME_H = "/usr/local/cuda/include/cuda_runtime_api.h"
 BUILD_MAX = 300.0  # the extension build is killed after this long (or when the rsvd stage can wait no more)
 SUMMARY_MAX_LINES = 40
 NF4_FAMILY = "NF4 base (QLoRA)"
@@ -1195,13 +1196,19 @@ class Driver:
             return
         cap = torch.cuda.get_device_capability()
         env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{cap[0]}.{cap[1]}", MAX_JOBS="4")
-        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", REPO]
+        if not (env.get("CUDA_HOME") or env.get("CUDA_PATH")) and os.path.isfile(_CUDA_RUNTIME_H):
+            # torch finds the toolkit as nvcc's grandparent folder: a wrapper script (/usr/local/bin/nvcc) makes that
+            # /usr/local, without the CUDA headers (seen on a CPU machine with nvcc 13.0)
+            env["CUDA_HOME"] = os.path.dirname(os.path.dirname(_CUDA_RUNTIME_H))
+        # -v: the compiler's messages reach build.log (setup.py reports a failed extension build on stderr only)
+        cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", REPO]
         log = open(os.path.join(self.outdir, "logs", "build.log"), "w")
         self.build = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                       start_new_session=True)
         log.close()
         self.build_t0 = time.time()
-        self.build_info = {"status": "running", "arch": env["TORCH_CUDA_ARCH_LIST"]}
+        self.build_info = {"status": "running", "arch": env["TORCH_CUDA_ARCH_LIST"],
+                           "cuda_home": env.get("CUDA_HOME") or env.get("CUDA_PATH") or "(torch's search)"}
         say(f"  extension build started in the background (TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}, "
             f"MAX_JOBS=4; logs/build.log)")
 

@@ -1,6 +1,8 @@
 // Torch binding of the CUDA one-sided Jacobi SVD (built only with a CUDA torch and nvcc).
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers need only the CUDA runtime's; ATen/cuda/CUDAContext.h would also pull in the
+// cuBLAS / cuSPARSE / cuSOLVER headers, which a toolkit with nvcc and cudart alone does not ship.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../jacobi_svd.h"
 #include "jacobi_svd_kernel.h"
@@ -22,7 +24,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> jacobi_svd_cuda(const to
   auto V = torch::empty_like(Mc);
   auto S = torch::empty({Mc.size(0), Mc.size(1)}, Mc.options());
   auto work = torch::empty({2, Mc.size(0), Mc.size(1), Mc.size(2)}, Mc.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err;
   if (Mc.scalar_type() == torch::kFloat32) {
     err = launch_jacobi_svd<float>(Mc.data_ptr<float>(), work.data_ptr<float>(), U.data_ptr<float>(),

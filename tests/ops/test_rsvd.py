@@ -9,6 +9,8 @@ the slowest spectrum (σᵢ ∝ i^-0.5, relative gap σ_r/σ_{r+1} − 1 ≈ 3% 
 to 1e-3; faster-decaying spectra reach the fp32 floor (~1e-5), held to 1e-4.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -228,6 +230,31 @@ def test_cuda_kernel_compiles_for_sm90(tmp_path):
                            str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+def test_cuda_binding_compiles_against_the_cuda_runtime_headers():
+    """The binding (csrc/cuda/jacobi_svd_cuda.cpp) needs the CUDA runtime's headers only, not cuBLAS / cuSPARSE /
+    cuSOLVER's (ATen/cuda/CUDAContext.h pulls those in; a toolkit with nvcc and cudart alone lacks them, and the
+    extension then silently builds without CUDA).  Syntax-checked with the host compiler against torch's headers
+    and the first CUDA include folder found."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cxx = shutil.which("c++")
+    homes = [h for h in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda") if h]
+    cuda_inc = next((os.path.join(h, "include") for h in homes
+                     if os.path.isfile(os.path.join(h, "include", "cuda_runtime_api.h"))), None)
+    if cxx is None or cuda_inc is None or torch.version.cuda is None:
+        pytest.skip("needs a C++ compiler, the CUDA runtime headers and a CUDA build of torch (its c10/cuda headers)")
+    incs = cpp_extension.include_paths() + [cuda_inc, sysconfig.get_paths()["include"]]
+    cmd = [cxx, "-fsyntax-only", "-std=c++17", "-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+           "-DTORCH_API_INCLUDE_EXTENSION_H"] + [f"-I{i}" for i in incs] + [repo_path("csrc", "cuda",
+                                                                                       "jacobi_svd_cuda.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------------------
