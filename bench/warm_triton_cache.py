@@ -11,11 +11,11 @@ every Triton kernel's ``run`` replaced by a recorder (nothing is launched, the o
 with the device facts pinned to an H200's (capability 9.0, 132 SMs).  Where the GPU would time something (the
 autotuner's candidates, the "auto" arrangement's two candidates) every candidate is recorded, since every one is
 compiled there.  The dense cuBLAS products and the references' float64 products are not needed and are skipped (a
-product's output shape only).  Each distinct launch (kernel, the JIT binder's specialisation, constexprs, warps,
+product's output shape only); the >2^31-element case runs at a row count the JIT specialises alike
+(``standin_rows``).  Each distinct launch (kernel, the JIT binder's specialisation, constexprs, warps,
 stages) is then compiled for sm_90 exactly as ``JITFunction._do_compile`` does (the binder, ``_pack_args``,
 ``ASTSource``, ``triton.compile``; ``bench/sm90_compile_report.py``'s helpers), into ``OUTDIR`` as Triton's cache,
-binaries only.  Not recorded: the >2^31-element case (its input alone is 4 GiB) and the ``torch.compile`` case
-(inductor's own kernels); the GPU compiles those.
+binaries only.  Not recorded: the ``torch.compile`` case (inductor's own kernels); the GPU compiles those.
 
 When the GPU machine finds a kernel here.  Triton's cache key is a hash of: Triton's own sources and its
 ``libtriton`` binary (so the same Triton *wheel*: same version and the same Python ABI), the ptxas version, the
@@ -51,7 +51,7 @@ CAPABILITY = 90
 SMS = 132  # an H200's (and H100 SXM's) multiprocessors: the persistent grid and the dA/dB split count read it
 MANIFEST = "manifest.json"
 # gpu_check's correctness cases that are not recorded here (see the module docstring)
-NOT_RECORDED = ("beyond int32", "torch.compile")
+NOT_RECORDED = ("torch.compile",)
 PLANS = ("correct", "ratios")
 
 
@@ -159,7 +159,7 @@ def recording(rec: Recorder):
     import torch
 
     from lora_kernels import settings
-    from lora_kernels.ops.lora_linear import arrangement, base_weight, dispatch, nf4_weight, tuning
+    from lora_kernels.ops.lora_linear import arrangement, base_weight, dispatch, launch, nf4_weight, tuning
 
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
@@ -195,6 +195,7 @@ def recording(rec: Recorder):
     pairs = [(torch.cuda, "get_device_capability", lambda *a, **k: (CAPABILITY // 10, CAPABILITY % 10)),
              (tuning, "sm_count", lambda device: SMS),
              (dispatch, "use_triton", kernel_path), (nf4_weight, "use_triton", kernel_path),
+             (launch, "_times_arrangement", lambda a2d: True),  # CUDA tensors: "auto" times both arrangements
              (arrangement, "_time_ms", lambda fn: (fn(), 1.0)[1]),
              (base_weight.DenseWeight, "linear", shape_only(None, lambda w: w.out_features)),
              (base_weight.DenseWeight, "grad_input", shape_only(None, lambda w: w.in_features)),
@@ -209,16 +210,25 @@ def recording(rec: Recorder):
 
 
 def _launch_only(x, w, b, a, bb, scale, p, seed=1234, *, w_dense=None):
-    """tests.helpers.run_and_compare's launches without its references: forward, then backward with a random g."""
+    """tests.helpers.run_and_compare's launches without its references: forward, backward with a random g, and
+    (p > 0) the dropout mask it draws for the references, with the same arguments."""
     import torch
 
-    from lora_kernels import lora_linear
+    from lora_kernels import dropout_mask, lora_linear
 
     y = lora_linear(x, w, b, a, bb, scale, p, seed=seed)
     ins = [t for t in (x, a, bb) if t.requires_grad]
     if ins:
         torch.autograd.grad(y, ins, torch.randn_like(y))
+    if p > 0:
+        dropout_mask(seed, (x[..., 0].numel(), x.shape[-1]), p, x.device, dtype=x.dtype, r=a.shape[0])
     return []
+
+
+def standin_rows(n: int) -> int:
+    """A row count below 2^15 that Triton's JIT specialises like ``n`` (< 2^31): 1 stays 1, else the residue mod 16
+    is kept (a multiple of 16 is marked divisible, any other value is not)."""
+    return n if n < 2**15 else 2**14 + n % 16
 
 
 def record_correct(rec: Recorder, only_cases: Optional[List[str]] = None) -> List[str]:
@@ -230,13 +240,17 @@ def record_correct(rec: Recorder, only_cases: Optional[List[str]] = None) -> Lis
     from lora_kernels import settings
 
     sz = dict(GC._sizes(False), device="cpu")
+    # The >2^31-element case at a row count the JIT specialises alike (not 1, the same residue mod 16, < 2^31): its
+    # input is then 64 MiB instead of 4 GiB.  The launchers pass sizes and row strides, never N x in, so no integer
+    # argument reaches 2^31 at the real size either (the kernels form the large offsets themselves, in int64).
+    sz["big_n"] = standin_rows(sz["big_n"])
     ran = []
     with _patched([(H, "run_and_compare", _launch_only)]):
         for name, fn in GC.correct_cases(False):
             if name in NOT_RECORDED or (only_cases and name not in only_cases):
                 continue
             chk = GC.Checks({})
-            with settings.override(autotune=False, gemm="fused"):
+            with settings.override(autotune=False, gemm="fused", tma=True):  # the correct stage's, TMA's default
                 fn(chk, sz)
             ran.append(name)
     return ran
@@ -261,31 +275,31 @@ def ratio_launches() -> List[tuple]:
 
 def record_ratios(rec: Recorder) -> int:
     """The ratios / e2e operator calls (``ratio_launches``) with the library's defaults (autotuning on, arrangement
-    "auto"): forward, then forward + backward."""
+    "auto", TMA on; pinned here, whatever the builder's environment says): forward, then forward + backward."""
     import torch
 
-    from lora_kernels import lora_linear
+    from lora_kernels import lora_linear, settings
     from lora_kernels.quant import quantize_nf4
 
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    nf4 = {}
     plan = ratio_launches()
-    q_cache = {}
-    for n, k_in, n_out, has_bias, adapters, mode, p, base in plan:
-        x = torch.randn(n, k_in).to(torch.bfloat16).requires_grad_()
-        a = (torch.randn(16, k_in) / k_in**0.5).to(dt[adapters]).requires_grad_(mode == "AB")
-        bb = (torch.randn(n_out, 16) / 4).to(dt[adapters]).requires_grad_()
-        bias = torch.randn(n_out).to(torch.bfloat16) if has_bias else None
-        if base == "nf4":
-            key = (k_in, n_out)
-            if key not in q_cache:
-                q_cache[key] = quantize_nf4(torch.randn(n_out, k_in) / k_in**0.5, 64, double_quant=True,
-                                            compute_dtype=torch.bfloat16)
-            w = q_cache[key]
-        else:
-            w = torch.empty(n_out, k_in, dtype=torch.bfloat16)
-        with torch.no_grad():
-            lora_linear(x, w, bias, a, bb, 2.0, p, seed=7)  # the "fwd" rows
-        _launch_only(x, w, bias, a, bb, 2.0, p, seed=7)
+    with settings.override(autotune=True, gemm="auto", tma=True):
+        for n, k_in, n_out, has_bias, adapters, mode, p, base in plan:
+            x = torch.randn(n, k_in).to(torch.bfloat16).requires_grad_()
+            a = (torch.randn(16, k_in) / k_in**0.5).to(dt[adapters]).requires_grad_(mode == "AB")
+            bb = (torch.randn(n_out, 16) / 4).to(dt[adapters]).requires_grad_()
+            bias = torch.randn(n_out).to(torch.bfloat16) if has_bias else None
+            if base == "nf4":
+                if (k_in, n_out) not in nf4:
+                    nf4[(k_in, n_out)] = quantize_nf4(torch.randn(n_out, k_in) / k_in**0.5, 64, double_quant=True,
+                                                      compute_dtype=torch.bfloat16)
+                w = nf4[(k_in, n_out)]
+            else:
+                w = torch.empty(n_out, k_in, dtype=torch.bfloat16)
+            with torch.no_grad():
+                lora_linear(x, w, bias, a, bb, 2.0, p, seed=7)  # the "fwd" rows
+            _launch_only(x, w, bias, a, bb, 2.0, p, seed=7)
     return len(plan)
 
 

@@ -39,6 +39,7 @@ def test_records_every_case_then_the_jit_finds_what_it_compiled(tmp_path):
     wc = load_repo_module("bench", "warm_triton_cache.py")
     every = [name for name, _ in gc.correct_cases(False)]
     assert sorted(m["cases"]) == sorted(n for n in every if n not in wc.NOT_RECORDED)
+    assert "beyond int32" in m["cases"] and wc.NOT_RECORDED == ("torch.compile",)
     assert set(wc.NOT_RECORDED) <= set(every), "a case named as not recorded no longer exists"
     assert set(m["by_kernel"]) == KERNELS, m["by_kernel"]
     # The autotuner's candidates at the ratios shapes are recorded too (more GEMM launches than one per form).
@@ -52,6 +53,21 @@ def test_records_every_case_then_the_jit_finds_what_it_compiled(tmp_path):
     assert not list(cache.rglob("*.ptx")), "binaries only: the GPU reads the cubin and its metadata"
     fp = m["fingerprint"]
     assert fp["triton"] and len(fp["triton_key"]) == 16 and "release" in fp["ptxas"]
+
+
+def test_standin_rows_bind_like_the_real_count():
+    """The >2^31-element case is recorded at fewer rows: the JIT must specialise that count as the real one."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    wc = load_repo_module("bench", "warm_triton_cache.py")
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    for n in (1, 17, 4096, 2**31 // 2048 + 1000, 2**20 + 1, 2**20 + 16, 2**30 + 3):
+        small = wc.standin_rows(n)
+        assert small < 2**15 or small == n
+        assert native_specialize_impl(backend, small, False, True, True) == \
+            native_specialize_impl(backend, n, False, True, True), n
 
 
 def test_fingerprint_comparison_names_what_differs():
